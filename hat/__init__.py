@@ -1,0 +1,22 @@
+"""HAT-CL: continual learning with Hard Attention to the Task (Serra et al., ICML 2018).
+
+Every earlier task's outputs stay bit-identical while later tasks train, with any torch.optim
+optimizer created once for the whole task sequence.
+"""
+
+from __future__ import annotations
+
+from hat import _protect
+from hat._errors import HATError, HATStateError, HATTypeError, HATValueError, TaskIndexError
+from hat._protect import mark_trained, trained_tasks
+from hat.config import HATConfig
+from hat.payload import HATPayload
+
+__version__ = "0.2.0"
+
+__all__ = [
+    "HATConfig", "HATPayload", "mark_trained", "trained_tasks",
+    "HATError", "HATTypeError", "HATValueError", "TaskIndexError", "HATStateError", "__version__",
+]
+
+_protect.install()

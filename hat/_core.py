@@ -1,0 +1,270 @@
+"""The mask core and the per-module bookkeeping shared by every task-aware module.
+
+Two mixins:
+
+- ``TaskTracked``: which tasks a module has been trained on (``hat_trained``, a persistent
+  buffer), which tasks were forwarded in training since the last backward, and which tasks a
+  backward has seen since the last optimizer step. Gradient hooks are registered once per
+  parameter; ``hat._protect`` reads the same state in its global optimizer step hooks.
+- ``HATMasked``: a ``[num_tasks, units]`` task embedding, the mask ``gate(s * e[t])`` (hard:
+  ``e[t] > 0``) and HAT's gradient conditioning ``1 - min(a_out, a_in)`` on binary cumulative
+  masks of the protected tasks.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from hat._checks import check_task_id
+from hat._errors import HATTypeError, HATValueError
+from hat.config import HATConfig
+from hat.payload import UNKNOWN, HATPayload
+
+__all__ = ["TaskTracked", "HATMasked", "live_modules", "task_modules"]
+
+# Every task-aware module alive in the process; the optimizer hooks look here for the owners
+# of an optimizer's parameters (a hand-built model is never registered anywhere else).
+_LIVE: weakref.WeakSet[TaskTracked] = weakref.WeakSet()
+
+
+def live_modules() -> list[TaskTracked]:
+    return list(_LIVE)
+
+
+def task_modules(model: nn.Module) -> list[TaskTracked]:
+    """The task-aware modules of ``model`` (itself included), in ``model.modules()`` order."""
+    return [m for m in model.modules() if isinstance(m, TaskTracked)]
+
+
+def _check_config(hat_config: Any) -> HATConfig:
+    if not isinstance(hat_config, HATConfig):
+        raise HATTypeError(f"hat_config must be a hat.HATConfig; got {type(hat_config).__name__}")
+    return hat_config
+
+
+class _GradScale(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by ``factor`` (HAT's embedding compensation)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(factor)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (factor,) = ctx.saved_tensors
+        return grad * factor, None
+
+
+def _on_grad(ref: weakref.ref, name: str, param: torch.Tensor) -> None:
+    module = ref()
+    if module is not None:
+        module._hat_after_backward(name, param)
+
+
+class TaskTracked:
+    """Bookkeeping for a module whose parameters belong to tasks.
+
+    Slots: tasks are ``0 .. num_tasks-1``; slot ``num_tasks`` is "no task" (``task_id=None``).
+    """
+
+    num_tasks: int
+    # Parameters whose first dimension indexes task slots: only rows being trained may change.
+    _hat_row_params: ClassVar[tuple[str, ...]] = ()
+    # Parameters protected unit by unit (HAT's weight conditioning).
+    _hat_unit_params: ClassVar[tuple[str, ...]] = ()
+    _hat_takes_payload: ClassVar[bool] = True
+
+    def _hat_init_tracking(self, num_tasks: int, device: Any = None) -> None:
+        self.num_tasks = num_tasks
+        slots = num_tasks + 1
+        self.register_buffer("hat_trained", torch.zeros(num_tasks, dtype=torch.bool, device=device))
+        # tasks forwarded in training since the last backward (reset by the first forward after one)
+        self.register_buffer("_hat_fwd", torch.zeros(slots, dtype=torch.bool, device=device), persistent=False)
+        self.register_buffer("_hat_fwd_done", torch.zeros((), dtype=torch.bool, device=device), persistent=False)
+        # tasks whose gradients reached this module since the last optimizer step
+        self.register_buffer("_hat_bwd", torch.zeros(slots, dtype=torch.bool, device=device), persistent=False)
+        _LIVE.add(self)
+        self._hat_ensure_hooks()
+
+    # -- hooks: registered once per parameter object ------------------------------------
+    def _hat_ensure_hooks(self) -> None:
+        hooked = self.__dict__.setdefault("_hat_hooked", {})
+        for name, param in self._parameters.items():
+            if param is None or not param.requires_grad:
+                continue
+            ref = hooked.get(name)
+            if ref is not None and ref() is param:
+                continue
+            param.register_post_accumulate_grad_hook(lambda p, _r=weakref.ref(self), _n=name: _on_grad(_r, _n, p))
+            hooked[name] = weakref.ref(param)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_hat_hooked", None)  # weakrefs do not pickle; hooks do not survive copies anyway
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # type: ignore[misc]
+        _LIVE.add(self)
+        self._hat_ensure_hooks()
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)  # type: ignore[misc]
+        self._hat_ensure_hooks()  # load_state_dict(assign=True) swaps the parameter objects
+
+    # -- bookkeeping ----------------------------------------------------------------------
+    def _hat_slot(self, task_id: int | None) -> int:
+        return self.num_tasks if task_id is None else task_id
+
+    def _hat_note_forward(self, slot: int) -> None:
+        """Record a training forward of ``slot`` (only training mode with grad enabled counts)."""
+        if not (self.training and torch.is_grad_enabled()):
+            return
+        fwd = self._hat_fwd
+        fwd.logical_and_(self._hat_fwd_done.logical_not())
+        fwd[slot] = True
+        self._hat_fwd_done.fill_(False)
+        self._hat_ensure_hooks()
+
+    def _hat_after_backward(self, name: str, param: torch.Tensor) -> None:
+        self._hat_bwd.logical_or_(self._hat_fwd)
+        self._hat_fwd_done.fill_(True)
+        if name in self._hat_unit_params and param.grad is not None:
+            protected = self.hat_trained & ~self._hat_fwd[: self.num_tasks]
+            if self._hat_fwd[: self.num_tasks].any() and protected.any():
+                mask = self._hat_unit_mask(name, protected)
+                if mask is not None:
+                    param.grad.masked_fill_(mask, 0)
+
+    def _hat_step_masks(self, training: torch.Tensor, protected: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """(parameter, boolean mask of its protected entries) pairs for one optimizer step.
+
+        ``training``: bool [num_tasks + 1], the slots being trained; ``protected``: bool
+        [num_tasks], the trained tasks that must not change.
+        """
+        out: list[tuple[nn.Parameter, torch.Tensor]] = []
+        for name in self._hat_row_params:
+            p = self._parameters.get(name)
+            if p is None:
+                continue
+            rows = ~training[: p.shape[0]]
+            out.append((p, rows.view(-1, *([1] * (p.dim() - 1)))))
+        if protected.any():
+            for name in self._hat_unit_params:
+                p = self._parameters.get(name)
+                if p is None:
+                    continue
+                mask = self._hat_unit_mask(name, protected)
+                if mask is not None:
+                    out.append((p, mask))
+        return out
+
+    def _hat_unit_mask(self, name: str, protected: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def _hat_after_step(self) -> None:
+        """Called by the optimizer hook after the step's protected entries were restored."""
+
+
+class HATMasked(TaskTracked):
+    """A module with one learnable mask per task over its ``units`` output units.
+
+    ``mask(t, s) = gate(s * e[t])`` with ``e = task_embedding`` of shape ``[num_tasks, units]``;
+    the hard mask (``s = None``) is ``e[t] > 0``.
+    """
+
+    hat_config: HATConfig
+    _hat_row_params = ("task_embedding",)
+    _hat_default_mask_dim: ClassVar[int] = -1
+
+    def _hat_init_mask(self, hat_config: HATConfig, units: int, device: Any = None, dtype: Any = None) -> None:
+        self.hat_config = hat_config
+        self.task_embedding = nn.Parameter(torch.empty(hat_config.num_tasks, units, device=device, dtype=dtype))
+        self.reset_task_embedding()
+        # where this layer's input units come from: set by the first payload forward
+        self.__dict__["_hat_link"] = None
+        self._hat_init_tracking(hat_config.num_tasks, device)
+
+    @property
+    def mask_dim(self) -> int:
+        dim = self.hat_config.mask_dim
+        return self._hat_default_mask_dim if dim is None else dim
+
+    def reset_task_embedding(self) -> None:
+        with torch.no_grad():
+            strat = self.hat_config.init_strat
+            if strat == "normal":
+                self.task_embedding.normal_(0.0, 1.0)
+            elif strat == "dense":
+                self.task_embedding.fill_(1.0)
+            else:  # sparse: every unit starts off
+                self.task_embedding.fill_(-1.0)
+
+    # -- masks ---------------------------------------------------------------------------
+    def get_mask(self, task_id: Any, mask_scale: float | None = None) -> torch.Tensor:
+        """The mask of ``task_id`` over this layer's units: soft for a scale, hard for None."""
+        task = check_task_id(task_id, self.num_tasks, allow_none=False)
+        return self._hat_mask(task, mask_scale)
+
+    def _hat_mask(self, task: int, scale: float | None) -> torch.Tensor:
+        e = self.task_embedding[task]
+        if scale is None:
+            return (e > 0).to(e.dtype)
+        if e.requires_grad and torch.is_grad_enabled():
+            cfg = self.hat_config
+            with torch.no_grad():
+                clamped = (scale * e).clamp(-cfg.grad_comp_clamp, cfg.grad_comp_clamp)
+                factor = cfg.grad_comp_factor * (torch.cosh(clamped) + 1) / (scale * (torch.cosh(e) + 1))
+            e = _GradScale.apply(e, factor)
+        return self.hat_config.gate(scale * e)
+
+    def used_units(self, tasks: torch.Tensor) -> torch.Tensor:
+        """Units whose hard mask is on for any of ``tasks`` (bool ``[num_tasks]``): the binary
+        cumulative mask."""
+        return ((self.task_embedding.detach() > 0) & tasks.view(-1, 1)).any(0)
+
+    # -- payload path --------------------------------------------------------------------
+    def _hat_begin(self, payload: HATPayload) -> tuple[int | None, float | None]:
+        """Validate a payload for this layer; nothing is written before this returns."""
+        task = check_task_id(payload.task_id, self.num_tasks)
+        scale = payload.mask_scale
+        if task is not None and scale is None and self.training and torch.is_grad_enabled():
+            raise HATValueError(
+                f"mask_scale is None (the hard mask) in a training forward of {type(self).__name__} with grad "
+                "enabled; pass mask_scale=... (e.g. hat.utils.get_hat_mask_scale) or evaluate under "
+                "model.eval() / torch.no_grad()"
+            )
+        return task, scale
+
+    def _hat_record_link(self, payload: HATPayload) -> None:
+        link = UNKNOWN if payload._src is UNKNOWN else (payload._src, payload._repeat)
+        old = self.__dict__.get("_hat_link")
+        if old is None:
+            self.__dict__["_hat_link"] = link
+        elif old is not UNKNOWN and (link is UNKNOWN or old[0] is not link[0] or old[1] != link[1]):
+            # fed from different places in different calls: protect whole rows from now on
+            self.__dict__["_hat_link"] = UNKNOWN
+
+    def _hat_masked_payload(self, payload: HATPayload, y: torch.Tensor, task: int | None, scale: float | None) -> HATPayload:
+        if task is None:
+            return payload._derive(y, mask=None, unit_mask=None, unit_dim=-1, src=None)
+        mask = self._hat_mask(task, scale)
+        return payload._derive(y, mask=mask, unit_mask=mask, unit_dim=self.mask_dim, src=self)
+
+    # -- conditioning --------------------------------------------------------------------
+    def _hat_input_used(self, protected: torch.Tensor, in_units: int) -> torch.Tensor | None:
+        """The input units used by the protected tasks, or None where they cannot be known."""
+        link = self.__dict__.get("_hat_link")
+        if link is None or link is UNKNOWN or link[0] is None:
+            return None
+        src, repeat = link
+        if src.task_embedding.shape[1] * repeat != in_units or src.num_tasks != self.num_tasks:
+            return None
+        used = src.used_units(protected)
+        return used.repeat_interleave(repeat) if repeat > 1 else used
+

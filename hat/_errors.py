@@ -1,0 +1,29 @@
+"""Exceptions raised by hat.
+
+Each one also subclasses the builtin it refines, so ``except ValueError`` keeps working
+for users who do not know about hat's own types.
+"""
+
+from __future__ import annotations
+
+__all__ = ["HATError", "HATTypeError", "HATValueError", "TaskIndexError", "HATStateError"]
+
+
+class HATError(Exception):
+    """Base class of every error hat raises on purpose."""
+
+
+class HATTypeError(HATError, TypeError):
+    """An argument has the wrong type."""
+
+
+class HATValueError(HATError, ValueError):
+    """An argument has the right type but a value that is not allowed."""
+
+
+class TaskIndexError(HATError, IndexError):
+    """A task id outside ``[0, num_tasks)``."""
+
+
+class HATStateError(HATError, RuntimeError):
+    """A call that the current training state does not allow."""

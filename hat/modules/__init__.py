@@ -1,0 +1,18 @@
+"""HAT layers and task-indexed layers."""
+
+from __future__ import annotations
+
+from hat.modules.conv import HATConv1d, HATConv2d, HATConv3d
+from hat.modules.linear import HATLinear, TaskIndexedLinear
+from hat.modules.masker import HATMasker
+from hat.modules.norm import (
+    TaskIndexedBatchNorm1d,
+    TaskIndexedBatchNorm2d,
+    TaskIndexedBatchNorm3d,
+    TaskIndexedLayerNorm,
+)
+
+__all__ = [
+    "HATLinear", "HATConv1d", "HATConv2d", "HATConv3d", "HATMasker", "TaskIndexedLinear",
+    "TaskIndexedBatchNorm1d", "TaskIndexedBatchNorm2d", "TaskIndexedBatchNorm3d", "TaskIndexedLayerNorm",
+]

@@ -1,0 +1,88 @@
+"""HATLinear and TaskIndexedLinear."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hat._checks import check_task_id
+from hat._core import TaskTracked, _check_config
+from hat.config import HATConfig
+from hat.modules._masked import MaskedLayer
+from hat.payload import HATPayload
+
+__all__ = ["HATLinear", "TaskIndexedLinear"]
+
+
+class HATLinear(MaskedLayer, nn.Linear):
+    """``y = (x W^T + b) * mask(t)``, the mask over the ``out_features`` units.
+
+    Shapes: input ``[*, in_features]``, output ``[*, out_features]``; the task embedding is
+    ``[num_tasks, out_features]``. A plain tensor input runs the plain layer (no task).
+
+    Example::
+
+        layer = HATLinear(128, 32, HATConfig(num_tasks=5))
+        out = layer(HATPayload(torch.rand(10, 128), task_id=0, mask_scale=10.0)).data
+    """
+
+    _hat_base = nn.Linear
+    _hat_default_mask_dim = -1
+
+    def __init__(self, in_features: int, out_features: int, hat_config: HATConfig, bias: bool = True,
+                 device: Any = None, dtype: Any = None) -> None:
+        _check_config(hat_config)
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._hat_init_mask(hat_config, out_features, device, dtype)
+
+    def _hat_in_units(self) -> int:
+        return self.in_features
+
+
+class TaskIndexedLinear(TaskTracked, nn.Module):
+    """One linear head per task, plus a head for "no task": ``y = x W[t]^T + b[t]``.
+
+    ``weight`` is ``[num_tasks + 1, out_features, in_features]`` (the last row serves
+    ``task_id=None``); only the rows of the tasks being trained ever change. Output units are
+    not masked: a task-incremental classifier keeps all of its classes.
+    """
+
+    _hat_row_params = ("weight", "bias")
+
+    def __init__(self, num_tasks: int, in_features: int, out_features: int, bias: bool = True,
+                 device: Any = None, dtype: Any = None) -> None:
+        super().__init__()
+        num_tasks = HATConfig(num_tasks=num_tasks).num_tasks  # same validation as the config
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(num_tasks + 1, out_features, in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(num_tasks + 1, out_features, device=device, dtype=dtype)) if bias else None
+        self.reset_parameters()
+        self._hat_init_tracking(num_tasks, device)
+
+    def reset_parameters(self) -> None:
+        # each head initialised as nn.Linear initialises its weight and bias
+        for w in self.weight:
+            nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, input: Any) -> Any:
+        if isinstance(input, HATPayload):
+            task = check_task_id(input.task_id, self.num_tasks)
+            slot = self._hat_slot(task)
+            y = self._head(input.data, slot)
+            self._hat_note_forward(slot)
+            return input._derive(y, mask=None, unit_mask=None, unit_dim=-1, src=None)
+        return self._head(input, self.num_tasks)
+
+    def _head(self, x: torch.Tensor, slot: int) -> torch.Tensor:
+        return F.linear(x, self.weight[slot], None if self.bias is None else self.bias[slot])
+
+    def extra_repr(self) -> str:
+        return f"num_tasks={self.num_tasks}, in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

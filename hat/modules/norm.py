@@ -1,0 +1,183 @@
+"""Task-indexed normalization: per-task affine parameters and running statistics."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hat._checks import check_task_id
+from hat._core import TaskTracked
+from hat.config import HATConfig
+from hat.payload import HATPayload, _along
+
+__all__ = [
+    "TaskIndexedBatchNorm1d", "TaskIndexedBatchNorm2d", "TaskIndexedBatchNorm3d", "TaskIndexedLayerNorm",
+]
+
+
+def _num_tasks(num_tasks: Any) -> int:
+    return HATConfig(num_tasks=num_tasks).num_tasks
+
+
+class _TaskIndexedBatchNorm(TaskTracked, nn.Module):
+    """BatchNorm with one set of ``weight``/``bias``/running statistics per task.
+
+    Every per-task tensor is stacked as ``[num_tasks + 1, num_features]``; the last row belongs
+    to ``task_id=None``. Training on task ``t`` writes row ``t`` of the running statistics only.
+    When the input is a payload whose units a HAT layer masks, the mask is folded into this
+    layer's scale and shift, so it acts *after* the normalization: a unit that task ``t`` does
+    not use leaves as an exact 0 (masking before BN would turn it into ``beta``).
+
+    Not a subclass of ``nn.BatchNorm*``: its parameters have an extra task dimension, and
+    utilities written for BatchNorm (fusing into convolutions, freezing) would misread them.
+    """
+
+    _hat_row_params = ("weight", "bias")
+    _expected_dims: tuple[int, ...] = ()
+
+    def __init__(self, num_tasks: int, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device: Any = None, dtype: Any = None) -> None:
+        super().__init__()
+        num_tasks = _num_tasks(num_tasks)
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        slots = num_tasks + 1
+        kw = dict(device=device, dtype=dtype)
+        if affine:
+            self.weight = nn.Parameter(torch.ones(slots, num_features, **kw))
+            self.bias = nn.Parameter(torch.zeros(slots, num_features, **kw))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(slots, num_features, **kw))
+            self.register_buffer("running_var", torch.ones(slots, num_features, **kw))
+            self.register_buffer("num_batches_tracked", torch.zeros(slots, dtype=torch.long, device=device))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self._hat_init_tracking(num_tasks, device)
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() not in self._expected_dims:
+            raise ValueError(f"{type(self).__name__} expects a {' or '.join(map(str, self._expected_dims))}-d input; got {x.dim()}-d")
+
+    def forward(self, input: Any) -> Any:
+        if isinstance(input, HATPayload):
+            task = check_task_id(input.task_id, self.num_tasks)
+            slot = self._hat_slot(task)
+            known = input._unit_mask is not None and input._unit_dim % input._raw.dim() == 1
+            mask = input._unit_mask if known and task is not None else None
+            # a pending mask need not be applied first: folded into the affine, it acts after BN
+            x = input._raw if mask is not None and input._mask is not None else input.data
+            y = self._normalize(x, slot, mask)
+            self._hat_note_forward(slot)
+            mask = input._unit_mask if known else None
+            return input._derive(y, mask=None, unit_mask=mask, unit_dim=1, src=input._src, repeat=input._repeat)
+        return self._normalize(input, self.num_tasks, None)
+
+    def _normalize(self, x: torch.Tensor, slot: int, mask: torch.Tensor | None) -> torch.Tensor:
+        self._check_input_dim(x)
+        use_batch_stats = self.training or not self.track_running_stats
+        factor = 0.0
+        running_mean = running_var = None
+        if self.track_running_stats:
+            running_mean, running_var = self.running_mean[slot], self.running_var[slot]  # views: row `slot` only
+            if self.training:
+                self.num_batches_tracked[slot] += 1
+                factor = 1.0 / float(self.num_batches_tracked[slot]) if self.momentum is None else self.momentum
+        weight = bias = None
+        if self.affine:
+            weight, bias = self.weight[slot], self.bias[slot]
+            if mask is not None:
+                weight, bias = weight * mask, bias * mask
+        y = F.batch_norm(x, running_mean, running_var, weight, bias, use_batch_stats, factor, self.eps)
+        if mask is not None and not self.affine:
+            y = y * _along(mask, 1, y.dim())
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"num_tasks={self.num_tasks}, num_features={self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, track_running_stats={self.track_running_stats}")
+
+
+class TaskIndexedBatchNorm1d(_TaskIndexedBatchNorm):
+    __doc__ = _TaskIndexedBatchNorm.__doc__
+    _expected_dims = (2, 3)
+
+
+class TaskIndexedBatchNorm2d(_TaskIndexedBatchNorm):
+    __doc__ = _TaskIndexedBatchNorm.__doc__
+    _expected_dims = (4,)
+
+
+class TaskIndexedBatchNorm3d(_TaskIndexedBatchNorm):
+    __doc__ = _TaskIndexedBatchNorm.__doc__
+    _expected_dims = (5,)
+
+
+class TaskIndexedLayerNorm(TaskTracked, nn.Module):
+    """LayerNorm with one ``weight``/``bias`` per task, stacked ``[num_tasks + 1, *normalized_shape]``.
+
+    LayerNorm's statistics mix all units, so a payload's mask is applied before it (units a
+    task does not use cannot move that task's statistics) and again after it (they leave as 0).
+    """
+
+    _hat_row_params = ("weight", "bias")
+
+    def __init__(self, num_tasks: int, normalized_shape: Any, eps: float = 1e-5, elementwise_affine: bool = True,
+                 bias: bool = True, device: Any = None, dtype: Any = None) -> None:
+        super().__init__()
+        num_tasks = _num_tasks(num_tasks)
+        if isinstance(normalized_shape, numbers.Integral):
+            normalized_shape = (normalized_shape,)
+        self.normalized_shape = tuple(int(s) for s in normalized_shape)
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        kw = dict(device=device, dtype=dtype)
+        slots = num_tasks + 1
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.ones(slots, *self.normalized_shape, **kw))
+            self.bias = nn.Parameter(torch.zeros(slots, *self.normalized_shape, **kw)) if bias else None
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self._hat_init_tracking(num_tasks, device)
+
+    def forward(self, input: Any) -> Any:
+        if isinstance(input, HATPayload):
+            task = check_task_id(input.task_id, self.num_tasks)
+            slot = self._hat_slot(task)
+            x = input.data  # masked before the norm
+            mask = input._unit_mask if task is not None and input._unit_dim % x.dim() == x.dim() - 1 else None
+            y = self._normalize(x, slot, mask)
+            self._hat_note_forward(slot)
+            return input._derive(y, mask=None, unit_mask=mask, unit_dim=-1, src=input._src, repeat=input._repeat)
+        return self._normalize(input, self.num_tasks, None)
+
+    def _normalize(self, x: torch.Tensor, slot: int, mask: torch.Tensor | None) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight[slot]
+        bias = None if self.bias is None else self.bias[slot]
+        if mask is not None and weight is not None and len(self.normalized_shape) == 1:
+            weight = weight * mask  # ... and after the norm, folded into the affine
+            bias = None if bias is None else bias * mask
+            mask = None
+        y = F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+        return y if mask is None else y * mask
+
+    def extra_repr(self) -> str:
+        return f"num_tasks={self.num_tasks}, {self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"

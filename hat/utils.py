@@ -1,0 +1,89 @@
+"""Training utilities under hat-cl's names: the mask regularizer and the mask-scale schedules."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from hat._checks import check_mask_scale, check_task_id, check_positive
+from hat._core import HATMasked
+from hat._errors import HATTypeError, HATValueError
+
+__all__ = ["get_hat_reg_term", "get_hat_mask_scale", "RegStrategy", "ScaleStrategy"]
+
+RegStrategy = Literal["uniform", "paper"]
+ScaleStrategy = Literal["linear", "cosine", "exponential", "constant"]
+_REG_STRATS = ("uniform", "paper")
+_SCALE_STRATS = ("linear", "cosine", "exponential", "constant")
+
+
+def get_hat_reg_term(module: nn.Module, strat: RegStrategy = "uniform", task_id: Any = None,
+                     mask_scale: Any = None, forgive_quota: bool = True) -> torch.Tensor:
+    """HAT's mask regularizer for ``task_id``: how much free capacity the task's masks take.
+
+    For each masked layer ``l`` with soft mask ``a`` (of ``task_id`` at ``mask_scale``) and
+    binary cumulative mask ``p`` of the other trained tasks:
+    ``used_l = sum_i a_i (1 - p_i)`` and ``free_l = sum_i (1 - p_i)``.
+
+    - ``"uniform"`` (hat-cl): the mean over layers of ``used_l / free_l``; with
+      ``forgive_quota`` a task's fair share of each layer, ``units_l / num_tasks``, is free:
+      ``max(used_l - units_l / num_tasks, 0) / free_l``.
+    - ``"paper"`` (Serra et al.): ``sum_l used_l / sum_l free_l``, normalized over all layers at
+      once; ``forgive_quota`` does not apply.
+
+    Add ``c * reg`` to the loss (paper: c = 0.75). Returns a 0-d tensor (0 without masked layers).
+    """
+    if strat not in _REG_STRATS:
+        raise HATValueError(f"strat must be one of {_REG_STRATS}; got {strat!r}")
+    layers = [m for m in module.modules() if isinstance(m, HATMasked)]
+    if not layers:
+        return torch.zeros(())
+    task = check_task_id(task_id, layers[0].num_tasks, allow_none=False)
+    scale = check_mask_scale(mask_scale)
+    used_terms, free_terms = [], []
+    for layer in layers:
+        mask = layer._hat_mask(task, scale)
+        others = layer.hat_trained.clone()
+        others[task] = False
+        free = (~layer.used_units(others)).to(mask.dtype)
+        used = (mask * free).sum()
+        if strat == "uniform" and forgive_quota:
+            used = (used - mask.numel() / layer.num_tasks).clamp_min(0)
+        used_terms.append(used)
+        free_terms.append(free.sum())
+    used_t, free_t = torch.stack(used_terms), torch.stack(free_terms)
+    if strat == "paper":
+        return used_t.sum() / free_t.sum().clamp_min(1)
+    return (used_t / free_t.clamp_min(1)).mean()
+
+
+def get_hat_mask_scale(strat: ScaleStrategy, max_trn_mask_scale: float, progress: float) -> float:
+    """The mask scale ``s`` at ``progress`` in [0, 1] through an epoch (or a task).
+
+    - ``"linear"`` (paper): ``1/s_max + (s_max - 1/s_max) * p``
+    - ``"cosine"``: ``max(s_max/2 * cos(2 pi p) + s_max/2, 1)``
+    - ``"exponential"`` (hat-cl): ``s_max ** ((p - 1 + r) / r)`` with ``r = 0.8``
+    - ``"constant"``: ``s_max``
+
+    With the paper's per-epoch schedule, ``progress = b / (B - 1)`` for batch ``b`` of ``B``.
+    """
+    if strat not in _SCALE_STRATS:
+        raise HATValueError(f"strat must be one of {_SCALE_STRATS}; got {strat!r}")
+    s_max = check_positive(max_trn_mask_scale, "max_trn_mask_scale")
+    if isinstance(progress, bool) or not isinstance(progress, numbers.Real):
+        raise HATTypeError(f"progress must be a number in [0, 1]; got {progress!r} of type {type(progress).__name__}")
+    p = float(progress)
+    if not 0.0 <= p <= 1.0:
+        raise HATValueError(f"progress must be in [0, 1]; got {p}")
+    if strat == "linear":
+        return 1.0 / s_max + (s_max - 1.0 / s_max) * p
+    if strat == "cosine":
+        return max(s_max / 2 * math.cos(2 * math.pi * p) + s_max / 2, 1.0)
+    if strat == "exponential":
+        r = 0.8
+        return s_max ** ((p - 1 + r) / r)
+    return s_max

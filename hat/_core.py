@@ -13,6 +13,7 @@ Two mixins:
 
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Any, ClassVar
 
@@ -29,6 +30,15 @@ __all__ = ["TaskTracked", "HATMasked", "live_modules", "task_modules"]
 # Every task-aware module alive in the process; the optimizer hooks look here for the owners
 # of an optimizer's parameters (a hand-built model is never registered anywhere else).
 _LIVE: weakref.WeakSet[TaskTracked] = weakref.WeakSet()
+
+
+_FLUSH = 1e-6
+# Bumped whenever task embeddings may change outside an optimizer step (load, re-init).
+_MASK_GENERATION = [0]
+
+
+def _invalidate_masks() -> None:
+    _MASK_GENERATION[0] += 1
 
 
 def live_modules() -> list[TaskTracked]:
@@ -81,13 +91,9 @@ class TaskTracked:
 
     def _hat_init_tracking(self, num_tasks: int, device: Any = None) -> None:
         self.num_tasks = num_tasks
-        slots = num_tasks + 1
+        # the only bookkeeping that must outlive a step: it travels with the state_dict
         self.register_buffer("hat_trained", torch.zeros(num_tasks, dtype=torch.bool, device=device))
-        # tasks forwarded in training since the last backward (reset by the first forward after one)
-        self.register_buffer("_hat_fwd", torch.zeros(slots, dtype=torch.bool, device=device), persistent=False)
-        self.register_buffer("_hat_fwd_done", torch.zeros((), dtype=torch.bool, device=device), persistent=False)
-        # tasks whose gradients reached this module since the last optimizer step
-        self.register_buffer("_hat_bwd", torch.zeros(slots, dtype=torch.bool, device=device), persistent=False)
+        self.__dict__["_hat_step"] = _StepState()
         _LIVE.add(self)
         self._hat_ensure_hooks()
 
@@ -105,70 +111,136 @@ class TaskTracked:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.pop("_hat_hooked", None)  # weakrefs do not pickle; hooks do not survive copies anyway
+        # weakrefs do not pickle and tensor hooks do not survive a copy: both are made anew
+        state.pop("_hat_hooked", None)
+        state.pop("_hat_step", None)
+        state.pop("_hat_mask_cache", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # type: ignore[misc]
+        self.__dict__["_hat_step"] = _StepState()
         _LIVE.add(self)
         self._hat_ensure_hooks()
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)  # type: ignore[misc]
+        _invalidate_masks()  # the embeddings the cached masks came from may have changed
         self._hat_ensure_hooks()  # load_state_dict(assign=True) swaps the parameter objects
 
     # -- bookkeeping ----------------------------------------------------------------------
     def _hat_slot(self, task_id: int | None) -> int:
         return self.num_tasks if task_id is None else task_id
 
+    def _hat_trained_set(self) -> frozenset[int]:
+        return frozenset(self.hat_trained.nonzero().flatten().tolist())
+
     def _hat_note_forward(self, slot: int) -> None:
         """Record a training forward of ``slot`` (only training mode with grad enabled counts)."""
         if not (self.training and torch.is_grad_enabled()):
             return
-        fwd = self._hat_fwd
-        fwd.logical_and_(self._hat_fwd_done.logical_not())
-        fwd[slot] = True
-        self._hat_fwd_done.fill_(False)
+        step = self._hat_step
+        if step.fwd_closed:  # first forward after a backward: a new set of tasks
+            step.fwd.clear()
+            step.fwd_closed = False
+        step.fwd.add(slot)
         self._hat_ensure_hooks()
 
     def _hat_after_backward(self, name: str, param: torch.Tensor) -> None:
-        self._hat_bwd.logical_or_(self._hat_fwd)
-        self._hat_fwd_done.fill_(True)
+        step = self._hat_step
+        step.bwd |= step.fwd
+        step.fwd_closed = True
         if name in self._hat_unit_params and param.grad is not None:
-            protected = self.hat_trained & ~self._hat_fwd[: self.num_tasks]
-            if self._hat_fwd[: self.num_tasks].any() and protected.any():
-                mask = self._hat_unit_mask(name, protected)
-                if mask is not None:
-                    param.grad.masked_fill_(mask, 0)
+            tasks = {s for s in step.fwd if s < self.num_tasks}
+            if tasks:
+                protected = self._hat_trained_set() - tasks
+                if protected:
+                    split = self._hat_unit_mask_cached(name, protected)
+                    if split is not None:
+                        param.grad.mul_(split[1])
 
-    def _hat_step_masks(self, training: torch.Tensor, protected: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
-        """(parameter, boolean mask of its protected entries) pairs for one optimizer step.
-
-        ``training``: bool [num_tasks + 1], the slots being trained; ``protected``: bool
-        [num_tasks], the trained tasks that must not change.
-        """
-        out: list[tuple[nn.Parameter, torch.Tensor]] = []
+    def _hat_step_masks(self, training: set[int], protected: frozenset[int]) -> list[tuple[nn.Parameter, Split | None]]:
+        """(parameter, its protected entries) pairs for one optimizer step; None means the whole
+        parameter. ``training``: the slots being trained; ``protected``: trained tasks that must
+        not change."""
+        out: list[tuple[nn.Parameter, Split | None]] = []
         for name in self._hat_row_params:
             p = self._parameters.get(name)
             if p is None:
                 continue
-            rows = ~training[: p.shape[0]]
-            out.append((p, rows.view(-1, *([1] * (p.dim() - 1)))))
-        if protected.any():
+            rows = frozenset(s for s in training if s < p.shape[0])
+            if not rows:
+                out.append((p, None))
+            elif len(rows) < p.shape[0]:
+                out.append((p, _row_split(p.shape[0], p.dim(), p.device, p.dtype, rows)))
+        if protected:
             for name in self._hat_unit_params:
                 p = self._parameters.get(name)
-                if p is None:
-                    continue
-                mask = self._hat_unit_mask(name, protected)
-                if mask is not None:
-                    out.append((p, mask))
+                if p is not None:
+                    split = self._hat_unit_mask_cached(name, protected)
+                    if split is not None:
+                        out.append((p, split))
         return out
+
+    def _hat_unit_mask_cached(self, name: str, protected: frozenset[int]) -> Split | None:
+        """The protected entries of a unit-protected parameter, None when there are none.
+
+        Cached: they depend only on the embedding rows of protected tasks, which no step can
+        change, and on this layer's input link. Loading a state_dict or re-initialising
+        embeddings anywhere invalidates every cache (``_invalidate_masks``)."""
+        cache = self.__dict__.setdefault("_hat_mask_cache", {})
+        param = self._parameters[name]
+        key = (name, protected, _MASK_GENERATION[0], id(param), param.dtype, param.device, self._hat_link_key())
+        if key not in cache:
+            if len(cache) > 32:
+                cache.clear()
+            tasks = torch.zeros(self.num_tasks, dtype=torch.bool, device=self.hat_trained.device)
+            tasks[list(protected)] = True
+            mask = self._hat_unit_mask(name, tasks)
+            cache[key] = _split(mask.expand_as(param), param.dtype) if mask is not None and bool(mask.any()) else None
+        return cache[key]
 
     def _hat_unit_mask(self, name: str, protected: torch.Tensor) -> torch.Tensor | None:
         return None
 
-    def _hat_after_step(self) -> None:
-        """Called by the optimizer hook after the step's protected entries were restored."""
+    def _hat_link_key(self) -> Any:
+        return None
+
+    def _hat_end_step(self, newly_trained: list[int]) -> None:
+        """After an optimizer step: record newly trained tasks and start a new step."""
+        if newly_trained:
+            self.hat_trained[newly_trained] = True
+        self._hat_step.bwd.clear()
+
+
+# (protect, keep): float 0/1 masks, protect = 1 on protected entries and keep = 1 - protect.
+# Float masks, not bool: multiplying by them is several times faster than torch.where or
+# masked_fill on CPU, and for 0/1 values p * keep + old * protect is exact.
+Split = tuple[torch.Tensor, torch.Tensor]
+
+
+def _split(mask: torch.Tensor, dtype: torch.dtype) -> Split:
+    protect = mask.to(dtype).contiguous()
+    return protect, 1 - protect
+
+
+@functools.lru_cache(maxsize=256)
+def _row_split(rows: int, ndim: int, device: torch.device, dtype: torch.dtype, training: frozenset[int]) -> Split:
+    """Masks over the first dimension of a task-indexed parameter: rows not being trained."""
+    mask = torch.ones(rows, dtype=torch.bool, device=device)
+    mask[sorted(training)] = False
+    return _split(mask.view(-1, *([1] * (ndim - 1))), dtype)
+
+
+class _StepState:
+    """What one training step has seen so far; transient, never saved."""
+
+    __slots__ = ("fwd", "fwd_closed", "bwd")
+
+    def __init__(self) -> None:
+        self.fwd: set[int] = set()  # slots forwarded in training since the last backward
+        self.fwd_closed = False  # a backward came after those forwards
+        self.bwd: set[int] = set()  # slots whose backward reached this module since the last step
 
 
 class HATMasked(TaskTracked):
@@ -196,6 +268,7 @@ class HATMasked(TaskTracked):
         return self._hat_default_mask_dim if dim is None else dim
 
     def reset_task_embedding(self) -> None:
+        _invalidate_masks()
         with torch.no_grad():
             strat = self.hat_config.init_strat
             if strat == "normal":
@@ -221,7 +294,11 @@ class HATMasked(TaskTracked):
                 clamped = (scale * e).clamp(-cfg.grad_comp_clamp, cfg.grad_comp_clamp)
                 factor = cfg.grad_comp_factor * (torch.cosh(clamped) + 1) / (scale * (torch.cosh(e) + 1))
             e = _GradScale.apply(e, factor)
-        return self.hat_config.gate(scale * e)
+        mask = self.hat_config.gate(scale * e)
+        # Units whose soft mask is below _FLUSH are switched fully off in the forward pass, with the
+        # gradient left as it was (straight-through). Otherwise masks around 1e-30 make subnormal
+        # activations downstream, and every op on them runs several times slower on CPUs.
+        return mask - (mask * (mask < _FLUSH)).detach()
 
     def used_units(self, tasks: torch.Tensor) -> torch.Tensor:
         """Units whose hard mask is on for any of ``tasks`` (bool ``[num_tasks]``): the binary
@@ -257,6 +334,10 @@ class HATMasked(TaskTracked):
         return payload._derive(y, mask=mask, unit_mask=mask, unit_dim=self.mask_dim, src=self)
 
     # -- conditioning --------------------------------------------------------------------
+    def _hat_link_key(self) -> Any:
+        link = self.__dict__.get("_hat_link")
+        return link if link is None or link is UNKNOWN else (id(link[0]), link[1])
+
     def _hat_input_used(self, protected: torch.Tensor, in_units: int) -> torch.Tensor | None:
         """The input units used by the protected tasks, or None where they cannot be known."""
         link = self.__dict__.get("_hat_link")

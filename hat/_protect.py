@@ -31,17 +31,17 @@ from hat._errors import HATValueError
 
 __all__ = ["mark_trained", "trained_tasks", "install"]
 
-# id(plain parameter) -> (weakref to it, bool [num_tasks]: the tasks that trained it). Keyed by id:
+# id(plain parameter) -> (weakref to it, per task: did it train it). Keyed by id:
 # tensors compare elementwise, so they cannot be dictionary keys themselves.
-_PLAIN_USED: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+_PLAIN_USED: dict[int, tuple[weakref.ref, list[bool]]] = {}
 
 
-def _plain_used(p: torch.Tensor) -> torch.Tensor | None:
+def _plain_used(p: torch.Tensor) -> list[bool] | None:
     entry = _PLAIN_USED.get(id(p))
     return entry[1] if entry is not None and entry[0]() is p else None
 
 
-def _set_plain_used(p: torch.Tensor, used: torch.Tensor) -> None:
+def _set_plain_used(p: torch.Tensor, used: list[bool]) -> None:
     key = id(p)
     _PLAIN_USED[key] = (weakref.ref(p, lambda _r, _k=key: _PLAIN_USED.pop(_k, None)), used)
 
@@ -57,12 +57,15 @@ class _Plan:
 @dataclass
 class _Pending:
     modules: list[TaskTracked]
-    training: dict[int, torch.Tensor]
-    saved: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = field(default_factory=list)
+    training: dict[int, set[int]]
+    newly_trained: dict[int, list[int]]  # id(module) -> tasks to mark trained after the step
+    saved: list[tuple[torch.Tensor, Any, torch.Tensor]] = field(default_factory=list)
 
 
 _PLANS: weakref.WeakKeyDictionary[Any, _Plan] = weakref.WeakKeyDictionary()
 _PENDING: weakref.WeakKeyDictionary[Any, _Pending] = weakref.WeakKeyDictionary()
+# optimizer -> id(parameter) -> snapshot buffer reused every step
+_BUFFERS: weakref.WeakKeyDictionary[Any, dict[int, torch.Tensor]] = weakref.WeakKeyDictionary()
 
 
 def _plan(optimizer: torch.optim.Optimizer) -> _Plan:
@@ -96,51 +99,65 @@ def _pre_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     plan = _plan(optimizer)
     if not plan.modules:
         return
-    # the slots this step trains, and the trained tasks, per num_tasks (one model: one entry)
-    training: dict[int, torch.Tensor] = {}
-    trained: dict[int, torch.Tensor] = {}
+    # the slots this step trains and the trained tasks, per num_tasks (one model: one entry)
+    training: dict[int, set[int]] = {}
+    trained: dict[int, set[int]] = {}
+    own_trained = {}
     for m in plan.modules:
-        t = m.num_tasks
-        training[t] = m._hat_bwd if t not in training else training[t] | m._hat_bwd
-        trained[t] = m.hat_trained if t not in trained else trained[t] | m.hat_trained
-    pending = _Pending(plan.modules, training)
+        own_trained[id(m)] = m._hat_trained_set()
+        training.setdefault(m.num_tasks, set()).update(m._hat_step.bwd)
+        trained.setdefault(m.num_tasks, set()).update(own_trained[id(m)])
+    newly = {id(m): sorted(t for t in training[m.num_tasks] - own_trained[id(m)] if t < m.num_tasks) for m in plan.modules}
+    pending = _Pending(plan.modules, training, newly)
     _PENDING[optimizer] = pending
-    protected = {t: trained[t] & ~training[t][:t] for t in training}
-    plain_training = {t: not bool(training[t][:t].any()) and bool(training[t][t]) for t in training}
+    protected = {n: frozenset(trained[n] - training[n]) for n in training}
+    plain_training = {n: training[n] == {n} for n in training}  # only task_id=None: nothing protected
     saved = pending.saved
     for m in plan.modules:
-        t = m.num_tasks
-        if plain_training[t]:
-            continue  # task_id=None: plain training, nothing protected
-        for p, mask in m._hat_step_masks(training[t], protected[t]):
-            if id(p) in plan.in_optimizer and bool(mask.any()):
-                saved.append((p, None if bool(mask.all()) else mask, p.detach().clone()))
+        n = m.num_tasks
+        if plain_training[n]:
+            continue
+        for p, split in m._hat_step_masks(training[n], protected[n]):
+            if id(p) in plan.in_optimizer:
+                saved.append((p, split, _snapshot(optimizer, p, split)))
     if plan.plain:
-        _protect_plain(plan.plain, training, protected, plain_training, saved)
+        n = max(training)
+        if not plain_training[n]:
+            _protect_plain(optimizer, plan.plain, n, training[n] - {n}, protected[n], saved)
 
 
-def _protect_plain(plain: list[nn.Parameter], training: dict[int, torch.Tensor], protected: dict[int, torch.Tensor],
-                   plain_training: dict[int, bool], saved: list) -> None:
-    num_tasks = max(training)
-    if plain_training[num_tasks]:
-        return
-    now = training[num_tasks][:num_tasks]
+def _snapshot(optimizer: Any, p: torch.Tensor, split: Any) -> torch.Tensor:
+    """Copy the protected entries of ``p`` (zeros elsewhere) into a buffer kept across steps:
+    allocating megabytes every step costs page faults that show in the step time."""
+    buffers = _BUFFERS.setdefault(optimizer, {})
+    buf = buffers.get(id(p))
+    if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
+        buf = buffers[id(p)] = torch.empty_like(p, memory_format=torch.contiguous_format)
+    if split is None:
+        buf.copy_(p.detach())
+    else:
+        torch.mul(p.detach(), split[0], out=buf)
+    return buf
+
+
+def _protect_plain(optimizer: Any, plain: list[nn.Parameter], num_tasks: int, now: set[int], protected: frozenset[int], saved: list) -> None:
     newly: list[nn.Parameter] = []
     for p in plain:
         used = _plain_used(p)
-        if used is not None and bool((used & protected[num_tasks]).any()):
-            saved.append((p, None, p.detach().clone()))
-        if p.grad is not None and bool(now.any()) and bool(p.grad.any()):
+        if used is not None and any(used[t] for t in protected):
+            saved.append((p, None, _snapshot(optimizer, p, None)))
+        if now and p.grad is not None and bool(p.grad.any()):
             if used is None:
-                used = torch.zeros(num_tasks, dtype=torch.bool)
+                used = [False] * num_tasks
                 _set_plain_used(p, used)
                 newly.append(p)
-            used |= now.cpu()
+            for t in now:
+                used[t] = True
     if newly:
         shapes = ", ".join(str(tuple(p.shape)) for p in newly[:8]) + (" ..." if len(newly) > 8 else "")
         warnings.warn(
             f"hat: {len(newly)} plain (non-HAT) parameter(s) of shape {shapes} were trained by task(s) "
-            f"{now.nonzero().flatten().tolist()}; they are now protected whole while later tasks train. "
+            f"{sorted(now)}; they are now protected whole while later tasks train. "
             "Give each task its own head (hat.modules.TaskIndexedLinear) to keep them trainable.",
             stacklevel=5,  # the user's optimizer.step() line
         )
@@ -155,15 +172,13 @@ def _post_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None
             if isinstance(m, HATMasked):
                 clamp = m.hat_config.attn_clamp
                 m.task_embedding.clamp_(-clamp, clamp)
-        for p, mask, old in pending.saved:
-            if mask is None:
+        for p, split, old in pending.saved:
+            if split is None:
                 p.copy_(old)
-            else:
-                p.copy_(torch.where(mask, old, p))
+            else:  # old holds the protected entries and zeros elsewhere
+                p.mul_(split[1]).add_(old)
         for m in pending.modules:
-            t = m.num_tasks
-            m.hat_trained.logical_or_(pending.training[t][:t])
-            m._hat_bwd.zero_()
+            m._hat_end_step(pending.newly_trained[id(m)])
 
 
 def mark_trained(model: nn.Module, task_id: Any) -> None:

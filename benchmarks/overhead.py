@@ -1,0 +1,129 @@
+"""Training-step and inference overhead of a HAT CNN against the identical plain torch.nn CNN.
+
+    python benchmarks/overhead.py            # prints the median of paired ratios
+
+1 thread, batch 32, 3x32x32 inputs, AdamW. HAT and plain steps are interleaved in one process
+and each pair gives one ratio, so slow drifts of the machine cancel. The HAT model trains task 1
+with task 0 already trained, so the protection (gradient conditioning and the exact update
+restore) is doing its full work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hat import HATConfig, HATPayload
+from hat.modules import HATConv2d, HATLinear, TaskIndexedBatchNorm2d, TaskIndexedLinear
+
+CHANNELS = (32, 64, 128)
+
+
+class PlainCNN(nn.Module):
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 3
+        for c in CHANNELS:
+            layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(), nn.MaxPool2d(2)]
+            c_in = c
+        self.features = nn.Sequential(*layers, nn.Flatten())
+        self.fc = nn.Linear(CHANNELS[-1] * 16, 256)
+        self.head = nn.Linear(256, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.fc(self.features(x))))
+
+
+class HATCNN(nn.Module):
+    def __init__(self, cfg: HATConfig, classes: int = 10) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList()
+        self.norms = nn.ModuleList()
+        c_in = 3
+        for c in CHANNELS:
+            self.convs.append(HATConv2d(c_in, c, 3, cfg, padding=1))
+            self.norms.append(TaskIndexedBatchNorm2d(cfg.num_tasks, c))
+            c_in = c
+        self.relu, self.pool, self.flatten = nn.ReLU(), nn.MaxPool2d(2), nn.Flatten()
+        self.fc = HATLinear(CHANNELS[-1] * 16, 256, cfg)
+        self.head = TaskIndexedLinear(cfg.num_tasks, 256, classes)
+
+    def forward(self, p: HATPayload) -> HATPayload:
+        for conv, norm in zip(self.convs, self.norms):
+            p = norm(conv(p)).forward_by(self.relu).forward_by(self.pool)
+        p = self.fc(p.forward_by(self.flatten)).forward_by(self.relu)
+        return self.head(p)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=200, help="timed pairs per measurement")
+    parser.add_argument("--warmup", type=int, default=20)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+
+    plain = PlainCNN()
+    hat_model = HATCNN(HATConfig(num_tasks=5))
+    opt_plain = torch.optim.AdamW(plain.parameters(), lr=1e-3, weight_decay=0.01)
+    opt_hat = torch.optim.AdamW(hat_model.parameters(), lr=1e-3, weight_decay=0.01)
+    x = torch.randn(32, 3, 32, 32)
+    y = torch.randint(0, 10, (32,))
+
+    def step_plain() -> None:
+        loss = F.cross_entropy(plain(x), y)
+        opt_plain.zero_grad()
+        loss.backward()
+        opt_plain.step()
+
+    def step_hat(task: int = 1) -> None:
+        loss = F.cross_entropy(hat_model(HATPayload(x, task_id=task, mask_scale=50.0)).data, y)
+        opt_hat.zero_grad()
+        loss.backward()
+        opt_hat.step()
+
+    @torch.no_grad()
+    def infer_plain() -> None:
+        plain(x)
+
+    @torch.no_grad()
+    def infer_hat() -> None:
+        hat_model(HATPayload(x, task_id=0))
+
+    for _ in range(args.warmup):
+        step_hat(0)  # task 0 becomes trained: training task 1 below protects it
+    plain.eval()
+    hat_model.eval()
+    infer = paired(infer_hat, infer_plain, args.repeats, args.warmup)
+    plain.train()
+    hat_model.train()
+    train = paired(step_hat, step_plain, args.repeats, args.warmup)
+    print(f"train step (AdamW, task 1 with task 0 protected): HAT / plain = {train:.3f}x  (median of {args.repeats} paired ratios)")
+    print(f"inference (hard mask, eval):                    HAT / plain = {infer:.3f}x  (median of {args.repeats} paired ratios)")
+
+
+def paired(fn_hat, fn_plain, repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn_hat()
+        fn_plain()
+    ratios = []
+    for i in range(repeats):
+        # alternate which runs first so neither always gets the warmer cache
+        order = (fn_hat, fn_plain) if i % 2 == 0 else (fn_plain, fn_hat)
+        times = {}
+        for fn in order:
+            t0 = time.perf_counter()
+            fn()
+            times[fn] = time.perf_counter() - t0
+        ratios.append(times[fn_hat] / times[fn_plain])
+    return statistics.median(ratios)
+
+
+if __name__ == "__main__":
+    main()

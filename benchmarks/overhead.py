@@ -98,6 +98,7 @@ def main() -> None:
 
     for _ in range(args.warmup):
         step_hat(0)  # task 0 becomes trained: training task 1 below protects it
+        step_plain()  # the same number of steps, so both models hold trained weights
     plain.eval()
     hat_model.eval()
     infer = paired(infer_hat, infer_plain, args.repeats, args.warmup)

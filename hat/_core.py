@@ -126,6 +126,7 @@ class TaskTracked:
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)  # type: ignore[misc]
         _invalidate_masks()  # the embeddings the cached masks came from may have changed
+        self._hat_step.trained = None
         self._hat_ensure_hooks()  # load_state_dict(assign=True) swaps the parameter objects
 
     # -- bookkeeping ----------------------------------------------------------------------
@@ -133,7 +134,10 @@ class TaskTracked:
         return self.num_tasks if task_id is None else task_id
 
     def _hat_trained_set(self) -> frozenset[int]:
-        return frozenset(self.hat_trained.nonzero().flatten().tolist())
+        step = self._hat_step
+        if step.trained is None:  # read once per step: reading a tensor's values is a sync
+            step.trained = frozenset(self.hat_trained.nonzero().flatten().tolist())
+        return step.trained
 
     def _hat_note_forward(self, slot: int) -> None:
         """Record a training forward of ``slot`` (only training mode with grad enabled counts)."""
@@ -144,7 +148,6 @@ class TaskTracked:
             step.fwd.clear()
             step.fwd_closed = False
         step.fwd.add(slot)
-        self._hat_ensure_hooks()
 
     def _hat_after_backward(self, name: str, param: torch.Tensor) -> None:
         step = self._hat_step
@@ -172,7 +175,7 @@ class TaskTracked:
             if not rows:
                 out.append((p, None))
             elif len(rows) < p.shape[0]:
-                out.append((p, _row_split(p.shape[0], p.dim(), p.device, p.dtype, rows)))
+                out.append((p, _row_split(tuple(p.shape), p.device, p.dtype, rows)))
         if protected:
             for name in self._hat_unit_params:
                 p = self._parameters.get(name)
@@ -211,6 +214,7 @@ class TaskTracked:
         if newly_trained:
             self.hat_trained[newly_trained] = True
         self._hat_step.bwd.clear()
+        self._hat_step.trained = None
 
 
 # (protect, keep): float 0/1 masks, protect = 1 on protected entries and keep = 1 - protect.
@@ -225,22 +229,23 @@ def _split(mask: torch.Tensor, dtype: torch.dtype) -> Split:
 
 
 @functools.lru_cache(maxsize=256)
-def _row_split(rows: int, ndim: int, device: torch.device, dtype: torch.dtype, training: frozenset[int]) -> Split:
-    """Masks over the first dimension of a task-indexed parameter: rows not being trained."""
-    mask = torch.ones(rows, dtype=torch.bool, device=device)
+def _row_split(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, training: frozenset[int]) -> Split:
+    """Masks for a task-indexed parameter of ``shape``: the rows not being trained."""
+    mask = torch.ones(shape[0], dtype=torch.bool, device=device)
     mask[sorted(training)] = False
-    return _split(mask.view(-1, *([1] * (ndim - 1))), dtype)
+    return _split(mask.view(-1, *([1] * (len(shape) - 1))).expand(shape), dtype)
 
 
 class _StepState:
     """What one training step has seen so far; transient, never saved."""
 
-    __slots__ = ("fwd", "fwd_closed", "bwd")
+    __slots__ = ("fwd", "fwd_closed", "bwd", "trained")
 
     def __init__(self) -> None:
         self.fwd: set[int] = set()  # slots forwarded in training since the last backward
         self.fwd_closed = False  # a backward came after those forwards
         self.bwd: set[int] = set()  # slots whose backward reached this module since the last step
+        self.trained: frozenset[int] | None = None  # hat_trained as read this step
 
 
 class HATMasked(TaskTracked):

@@ -56,10 +56,42 @@ class _Plan:
 
 @dataclass
 class _Pending:
+    """What the post-step hook must do for one optimizer step."""
+
     modules: list[TaskTracked]
-    training: dict[int, set[int]]
     newly_trained: dict[int, list[int]]  # id(module) -> tasks to mark trained after the step
-    saved: list[tuple[torch.Tensor, Any, torch.Tensor]] = field(default_factory=list)
+    whole: list[torch.Tensor] = field(default_factory=list)  # parameters restored whole
+    whole_saved: list[torch.Tensor] = field(default_factory=list)
+    part: list[torch.Tensor] = field(default_factory=list)  # parameters restored entry by entry
+    part_saved: list[torch.Tensor] = field(default_factory=list)
+    part_keep: list[torch.Tensor] = field(default_factory=list)
+    part_protect: list[torch.Tensor] = field(default_factory=list)
+
+    def add(self, optimizer: Any, p: torch.Tensor, split: Any) -> None:
+        buf = _buffer(optimizer, p)
+        if split is None:
+            self.whole.append(p.detach())
+            self.whole_saved.append(buf)
+        else:
+            self.part.append(p.detach())
+            self.part_saved.append(buf)
+            self.part_protect.append(split[0])
+            self.part_keep.append(split[1])
+
+    def snapshot(self) -> None:
+        # multi-tensor ops: one call for all parameters instead of a few per parameter
+        if self.whole:
+            torch._foreach_copy_(self.whole_saved, self.whole)
+        if self.part:
+            torch._foreach_copy_(self.part_saved, self.part)
+
+    def restore(self) -> None:
+        if self.whole:
+            torch._foreach_copy_(self.whole, self.whole_saved)
+        if self.part:
+            # p * keep + old * protect, exact for 0/1 masks
+            torch._foreach_mul_(self.part, self.part_keep)
+            torch._foreach_addcmul_(self.part, self.part_saved, self.part_protect)
 
 
 _PLANS: weakref.WeakKeyDictionary[Any, _Plan] = weakref.WeakKeyDictionary()
@@ -108,44 +140,42 @@ def _pre_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         training.setdefault(m.num_tasks, set()).update(m._hat_step.bwd)
         trained.setdefault(m.num_tasks, set()).update(own_trained[id(m)])
     newly = {id(m): sorted(t for t in training[m.num_tasks] - own_trained[id(m)] if t < m.num_tasks) for m in plan.modules}
-    pending = _Pending(plan.modules, training, newly)
+    pending = _Pending(plan.modules, newly)
     _PENDING[optimizer] = pending
     protected = {n: frozenset(trained[n] - training[n]) for n in training}
     plain_training = {n: training[n] == {n} for n in training}  # only task_id=None: nothing protected
-    saved = pending.saved
     for m in plan.modules:
         n = m.num_tasks
         if plain_training[n]:
             continue
         for p, split in m._hat_step_masks(training[n], protected[n]):
             if id(p) in plan.in_optimizer:
-                saved.append((p, split, _snapshot(optimizer, p, split)))
+                pending.add(optimizer, p, split)
     if plan.plain:
         n = max(training)
         if not plain_training[n]:
-            _protect_plain(optimizer, plan.plain, n, training[n] - {n}, protected[n], saved)
+            _protect_plain(optimizer, plan.plain, n, training[n] - {n}, protected[n], pending)
+    with torch.no_grad():
+        pending.snapshot()
 
 
-def _snapshot(optimizer: Any, p: torch.Tensor, split: Any) -> torch.Tensor:
-    """Copy the protected entries of ``p`` (zeros elsewhere) into a buffer kept across steps:
-    allocating megabytes every step costs page faults that show in the step time."""
+def _buffer(optimizer: Any, p: torch.Tensor) -> torch.Tensor:
+    """A snapshot buffer for ``p``, kept across steps: allocating megabytes every step costs
+    page faults that show in the step time."""
     buffers = _BUFFERS.setdefault(optimizer, {})
     buf = buffers.get(id(p))
     if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
         buf = buffers[id(p)] = torch.empty_like(p, memory_format=torch.contiguous_format)
-    if split is None:
-        buf.copy_(p.detach())
-    else:
-        torch.mul(p.detach(), split[0], out=buf)
     return buf
 
 
-def _protect_plain(optimizer: Any, plain: list[nn.Parameter], num_tasks: int, now: set[int], protected: frozenset[int], saved: list) -> None:
+def _protect_plain(optimizer: Any, plain: list[nn.Parameter], num_tasks: int, now: set[int], protected: frozenset[int],
+                   pending: _Pending) -> None:
     newly: list[nn.Parameter] = []
     for p in plain:
         used = _plain_used(p)
         if used is not None and any(used[t] for t in protected):
-            saved.append((p, None, _snapshot(optimizer, p, None)))
+            pending.add(optimizer, p, None)
         if now and p.grad is not None and bool(p.grad.any()):
             if used is None:
                 used = [False] * num_tasks
@@ -172,11 +202,7 @@ def _post_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None
             if isinstance(m, HATMasked):
                 clamp = m.hat_config.attn_clamp
                 m.task_embedding.clamp_(-clamp, clamp)
-        for p, split, old in pending.saved:
-            if split is None:
-                p.copy_(old)
-            else:  # old holds the protected entries and zeros elsewhere
-                p.mul_(split[1]).add_(old)
+        pending.restore()
         for m in pending.modules:
             m._hat_end_step(pending.newly_trained[id(m)])
 
@@ -192,6 +218,7 @@ def mark_trained(model: nn.Module, task_id: Any) -> None:
     checked = [check_task_id(task_id, m.num_tasks, allow_none=False) for m in modules]
     for m, t in zip(modules, checked):
         m.hat_trained[t] = True
+        m._hat_step.trained = None
 
 
 def trained_tasks(model: nn.Module) -> list[int]:

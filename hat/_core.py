@@ -139,6 +139,18 @@ class TaskTracked:
             step.trained = frozenset(self.hat_trained.nonzero().flatten().tolist())
         return step.trained
 
+    def _hat_begin(self, payload: HATPayload) -> tuple[int | None, float | None]:
+        """Validate a payload for this layer; nothing is written before this returns."""
+        task = check_task_id(payload.task_id, self.num_tasks)
+        scale = payload.mask_scale
+        if task is not None and scale is None and self.training and torch.is_grad_enabled():
+            raise HATValueError(
+                f"mask_scale is None (the hard mask) in a training forward of {type(self).__name__} with grad "
+                "enabled; pass mask_scale=... (e.g. hat.utils.get_hat_mask_scale) or evaluate under "
+                "model.eval() / torch.no_grad()"
+            )
+        return task, scale
+
     def _hat_note_forward(self, slot: int) -> None:
         """Record a training forward of ``slot`` (only training mode with grad enabled counts)."""
         if not (self.training and torch.is_grad_enabled()):
@@ -211,10 +223,12 @@ class TaskTracked:
 
     def _hat_end_step(self, newly_trained: list[int]) -> None:
         """After an optimizer step: record newly trained tasks and start a new step."""
+        step = self._hat_step
         if newly_trained:
             self.hat_trained[newly_trained] = True
-        self._hat_step.bwd.clear()
-        self._hat_step.trained = None
+        step.witnessed.update(t for t in step.bwd if t < self.num_tasks)
+        step.bwd.clear()
+        step.trained = None
 
 
 # (protect, keep): float 0/1 masks, protect = 1 on protected entries and keep = 1 - protect.
@@ -239,13 +253,15 @@ def _row_split(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype,
 class _StepState:
     """What one training step has seen so far; transient, never saved."""
 
-    __slots__ = ("fwd", "fwd_closed", "bwd", "trained")
+    __slots__ = ("fwd", "fwd_closed", "bwd", "trained", "witnessed")
 
     def __init__(self) -> None:
         self.fwd: set[int] = set()  # slots forwarded in training since the last backward
         self.fwd_closed = False  # a backward came after those forwards
         self.bwd: set[int] = set()  # slots whose backward reached this module since the last step
         self.trained: frozenset[int] | None = None  # hat_trained as read this step
+        # tasks whose optimizer steps this module object saw (not those of a copy or a checkpoint)
+        self.witnessed: set[int] = set()
 
 
 class HATMasked(TaskTracked):
@@ -311,18 +327,6 @@ class HATMasked(TaskTracked):
         return ((self.task_embedding.detach() > 0) & tasks.view(-1, 1)).any(0)
 
     # -- payload path --------------------------------------------------------------------
-    def _hat_begin(self, payload: HATPayload) -> tuple[int | None, float | None]:
-        """Validate a payload for this layer; nothing is written before this returns."""
-        task = check_task_id(payload.task_id, self.num_tasks)
-        scale = payload.mask_scale
-        if task is not None and scale is None and self.training and torch.is_grad_enabled():
-            raise HATValueError(
-                f"mask_scale is None (the hard mask) in a training forward of {type(self).__name__} with grad "
-                "enabled; pass mask_scale=... (e.g. hat.utils.get_hat_mask_scale) or evaluate under "
-                "model.eval() / torch.no_grad()"
-            )
-        return task, scale
-
     def _hat_record_link(self, payload: HATPayload) -> None:
         link = UNKNOWN if payload._src is UNKNOWN else (payload._src, payload._repeat)
         old = self.__dict__.get("_hat_link")

@@ -134,11 +134,13 @@ def _pre_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     # the slots this step trains and the trained tasks, per num_tasks (one model: one entry)
     training: dict[int, set[int]] = {}
     trained: dict[int, set[int]] = {}
+    witnessed: dict[int, set[int]] = {}
     own_trained = {}
     for m in plan.modules:
         own_trained[id(m)] = m._hat_trained_set()
         training.setdefault(m.num_tasks, set()).update(m._hat_step.bwd)
         trained.setdefault(m.num_tasks, set()).update(own_trained[id(m)])
+        witnessed.setdefault(m.num_tasks, set()).update(m._hat_step.witnessed)
     newly = {id(m): sorted(t for t in training[m.num_tasks] - own_trained[id(m)] if t < m.num_tasks) for m in plan.modules}
     pending = _Pending(plan.modules, newly)
     _PENDING[optimizer] = pending
@@ -154,7 +156,8 @@ def _pre_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     if plan.plain:
         n = max(training)
         if not plain_training[n]:
-            _protect_plain(optimizer, plan.plain, n, training[n] - {n}, protected[n], pending)
+            unseen = protected[n] - witnessed[n]
+            _protect_plain(optimizer, plan.plain, n, training[n] - {n}, protected[n], unseen, pending)
     with torch.no_grad():
         pending.snapshot()
 
@@ -170,10 +173,21 @@ def _buffer(optimizer: Any, p: torch.Tensor) -> torch.Tensor:
 
 
 def _protect_plain(optimizer: Any, plain: list[nn.Parameter], num_tasks: int, now: set[int], protected: frozenset[int],
-                   pending: _Pending) -> None:
+                   unseen: frozenset[int], pending: _Pending) -> None:
+    """Record which tasks train each plain parameter and protect those that trained tasks use.
+
+    The record lives in this process only. ``unseen``: protected tasks trained before this
+    model object existed (it was copied or loaded from a checkpoint): which plain parameters
+    they used is unknown, so every plain parameter without a record is assumed used by them.
+    """
     newly: list[nn.Parameter] = []
+    assumed: list[nn.Parameter] = []
     for p in plain:
         used = _plain_used(p)
+        if used is None and unseen:
+            used = [t in unseen for t in range(num_tasks)]
+            _set_plain_used(p, used)
+            assumed.append(p)
         if used is not None and any(used[t] for t in protected):
             pending.add(optimizer, p, None)
         if now and p.grad is not None and bool(p.grad.any()):
@@ -183,14 +197,25 @@ def _protect_plain(optimizer: Any, plain: list[nn.Parameter], num_tasks: int, no
                 newly.append(p)
             for t in now:
                 used[t] = True
-    if newly:
-        shapes = ", ".join(str(tuple(p.shape)) for p in newly[:8]) + (" ..." if len(newly) > 8 else "")
+    if assumed:
         warnings.warn(
-            f"hat: {len(newly)} plain (non-HAT) parameter(s) of shape {shapes} were trained by task(s) "
+            f"hat: task(s) {sorted(unseen)} were trained before this model was copied or loaded, and which plain "
+            f"(non-HAT) parameters they used is not known here; {len(assumed)} plain parameter(s) of shape "
+            f"{_shapes(assumed)} are protected whole to keep those tasks intact. Per-task heads that should stay "
+            "trainable belong in hat.modules.TaskIndexedLinear.",
+            stacklevel=4,
+        )
+    if newly:
+        warnings.warn(
+            f"hat: {len(newly)} plain (non-HAT) parameter(s) of shape {_shapes(newly)} were trained by task(s) "
             f"{sorted(now)}; they are now protected whole while later tasks train. "
             "Give each task its own head (hat.modules.TaskIndexedLinear) to keep them trainable.",
-            stacklevel=5,  # the user's optimizer.step() line
+            stacklevel=4,  # the user's optimizer.step() line
         )
+
+
+def _shapes(params: list[nn.Parameter]) -> str:
+    return ", ".join(str(tuple(p.shape)) for p in params[:8]) + (" ..." if len(params) > 8 else "")
 
 
 def _post_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:

@@ -16,6 +16,7 @@ from models import CNN, MLP, OPTIMIZERS
 NUM_TASKS = 3
 
 
+@pytest.mark.filterwarnings("ignore:hat. 2 plain")
 @pytest.mark.parametrize("set_to_none", [True, False], ids=["none-grads", "zeroed-grads"])
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
 @pytest.mark.parametrize("model_cls", [MLP, CNN], ids=["mlp", "cnn"])

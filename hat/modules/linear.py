@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hat._checks import check_task_id
 from hat._core import TaskTracked, _check_config
 from hat.config import HATConfig
 from hat.modules._masked import MaskedLayer
@@ -74,7 +73,7 @@ class TaskIndexedLinear(TaskTracked, nn.Module):
 
     def forward(self, input: Any) -> Any:
         if isinstance(input, HATPayload):
-            task = check_task_id(input.task_id, self.num_tasks)
+            task, _ = self._hat_begin(input)
             slot = self._hat_slot(task)
             y = self._head(input.data, slot)
             self._hat_note_forward(slot)

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hat._checks import check_task_id
 from hat._core import TaskTracked
 from hat.config import HATConfig
 from hat.payload import HATPayload, _along
@@ -78,7 +77,7 @@ class _TaskIndexedBatchNorm(TaskTracked, nn.Module):
 
     def forward(self, input: Any) -> Any:
         if isinstance(input, HATPayload):
-            task = check_task_id(input.task_id, self.num_tasks)
+            task, _ = self._hat_begin(input)
             slot = self._hat_slot(task)
             known = input._unit_mask is not None and input._unit_dim % input._raw.dim() == 1
             mask = input._unit_mask if known and task is not None else None
@@ -160,7 +159,7 @@ class TaskIndexedLayerNorm(TaskTracked, nn.Module):
 
     def forward(self, input: Any) -> Any:
         if isinstance(input, HATPayload):
-            task = check_task_id(input.task_id, self.num_tasks)
+            task, _ = self._hat_begin(input)
             slot = self._hat_slot(task)
             x = input.data  # masked before the norm
             mask = input._unit_mask if task is not None and input._unit_dim % x.dim() == x.dim() - 1 else None

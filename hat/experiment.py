@@ -1,0 +1,241 @@
+"""A task-incremental continual-learning run: data, networks, the training loop and the metrics.
+
+The library side of ``python -m hat run``; usable on its own::
+
+    import torch
+    from hat.experiment import average_accuracy, backward_transfer, build_model, build_optimizer, run_sequence, split_digits
+
+    tasks = split_digits(num_tasks=5, seed=0)
+    model = build_model("mlp", num_tasks=5, classes_per_task=2)
+    optimizer = build_optimizer("adamw", model.parameters(), lr=1e-3)   # one optimizer for all tasks
+    matrix = run_sequence(model, optimizer, tasks, generator=torch.Generator().manual_seed(0))
+    print(average_accuracy(matrix), backward_transfer(matrix))
+
+``matrix[t][k]`` is the accuracy on task ``k`` after training tasks ``0..t`` (``k <= t``).
+Randomness comes from the ``torch.Generator`` objects passed in; the global RNG is only used by
+weight initialization in :func:`build_model` (seed it, or fork it, around the call).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hat.config import HATConfig
+from hat.modules import HATConv2d, HATLinear, TaskIndexedBatchNorm2d, TaskIndexedLinear
+from hat.payload import HATPayload
+from hat.utils import get_hat_mask_scale, get_hat_reg_term
+
+__all__ = [
+    "Task", "Method", "MODELS", "OPTIMIZERS", "METHODS",
+    "split_digits", "build_model", "build_optimizer", "train_task", "evaluate", "run_sequence",
+    "average_accuracy", "backward_transfer",
+]
+
+# (x_train, y_train, x_test, y_test); x is [N, C, H, W] float in [0, 1], y holds labels 0..classes-1
+Task = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+Method = Literal["hat", "finetune"]
+MODELS = ("mlp", "cnn")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+METHODS = ("hat", "finetune")
+
+
+# -- data ---------------------------------------------------------------------------------------
+def split_digits(num_tasks: int = 5, seed: int = 0, train_fraction: float = 0.7) -> list[Task]:
+    """scikit-learn's bundled 8x8 digits (1797 images) as 2-class tasks: task ``t`` is digit
+    ``2t`` (label 0) against digit ``2t + 1`` (label 1).
+
+    Each digit is split ``train_fraction`` / rest at random (seeded), so both splits keep the
+    class balance. ``x`` is ``[N, 1, 8, 8]`` float32 in [0, 1], ``y`` int64 in {0, 1}.
+    """
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or not 1 <= num_tasks <= 5:
+        raise ValueError(f"num_tasks must be an int in [1, 5] (10 digits, 2 per task); got {num_tasks!r}")
+    if not 0.0 < train_fraction < 1.0:
+        raise ValueError(f"train_fraction must be in (0, 1); got {train_fraction!r}")
+    from sklearn.datasets import load_digits  # optional dependency (the "demo" extra)
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(digits.target, dtype=torch.long)
+    g = torch.Generator().manual_seed(seed)
+    tasks = []
+    for t in range(num_tasks):
+        train_idx, test_idx = [], []
+        for label in (0, 1):
+            idx = (y == 2 * t + label).nonzero().flatten()
+            idx = idx[torch.randperm(len(idx), generator=g)]
+            n_train = round(train_fraction * len(idx))
+            train_idx.append(idx[:n_train])
+            test_idx.append(idx[n_train:])
+        # shuffle once more so the classes interleave (evaluation does not care; batching might)
+        tr = torch.cat(train_idx)[torch.randperm(sum(len(i) for i in train_idx), generator=g)]
+        te = torch.cat(test_idx)
+        tasks.append((x[tr], y[tr] - 2 * t, x[te], y[te] - 2 * t))
+    return tasks
+
+
+# -- networks -----------------------------------------------------------------------------------
+class MLP(nn.Module):
+    """Flatten, two ``HATLinear`` + ReLU layers, and one linear head per task.
+
+    Input: a payload with data ``[N, *input_shape]``; output: a payload with ``[N, classes]`` logits.
+    """
+
+    def __init__(self, hat_config: HATConfig, classes: int, in_features: int = 64, hidden: int = 256) -> None:
+        super().__init__()
+        self.flatten = nn.Flatten()
+        self.fc1 = HATLinear(in_features, hidden, hat_config)
+        self.fc2 = HATLinear(hidden, hidden, hat_config)
+        self.relu = nn.ReLU()
+        self.head = TaskIndexedLinear(hat_config.num_tasks, hidden, classes)
+
+    def forward(self, p: HATPayload) -> HATPayload:
+        p = p.forward_by(self.flatten)
+        p = self.fc1(p).forward_by(self.relu)
+        p = self.fc2(p).forward_by(self.relu)
+        return self.head(p)
+
+
+class CNN(nn.Module):
+    """Two ``HATConv2d`` + ``TaskIndexedBatchNorm2d`` + ReLU blocks, a 2x2 max-pool, flatten,
+    ``HATLinear`` + ReLU, and one linear head per task.
+
+    Input: a payload with data ``[N, C, H, W]`` (H and W even); output: ``[N, classes]`` logits.
+    """
+
+    def __init__(self, hat_config: HATConfig, classes: int, in_channels: int = 1, image_size: tuple[int, int] = (8, 8),
+                 width: int = 16, hidden: int = 64) -> None:
+        super().__init__()
+        n = hat_config.num_tasks
+        self.conv1 = HATConv2d(in_channels, width, 3, hat_config, padding=1)
+        self.bn1 = TaskIndexedBatchNorm2d(n, width)
+        self.conv2 = HATConv2d(width, 2 * width, 3, hat_config, padding=1)
+        self.bn2 = TaskIndexedBatchNorm2d(n, 2 * width)
+        self.relu = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.flatten = nn.Flatten()
+        self.fc = HATLinear(2 * width * (image_size[0] // 2) * (image_size[1] // 2), hidden, hat_config)
+        self.head = TaskIndexedLinear(n, hidden, classes)
+
+    def forward(self, p: HATPayload) -> HATPayload:
+        p = self.bn1(self.conv1(p)).forward_by(self.relu)
+        p = self.bn2(self.conv2(p)).forward_by(self.relu).forward_by(self.pool)
+        p = self.fc(p.forward_by(self.flatten)).forward_by(self.relu)
+        return self.head(p)
+
+
+def build_model(name: str, num_tasks: int, classes_per_task: int, *, s_max: float = 400.0,
+                input_shape: Sequence[int] = (1, 8, 8)) -> nn.Module:
+    """A HAT network on payloads: ``"mlp"`` (:class:`MLP`) or ``"cnn"`` (:class:`CNN`).
+
+    ``s_max`` is both the largest training mask scale and the one in the embedding-gradient
+    compensation. Initializes weights from the global RNG.
+    """
+    cfg = HATConfig(num_tasks=num_tasks, max_trn_mask_scale=s_max, grad_comp_factor=s_max)
+    c, h, w = input_shape
+    if name == "mlp":
+        return MLP(cfg, classes_per_task, in_features=c * h * w)
+    if name == "cnn":
+        return CNN(cfg, classes_per_task, in_channels=c, image_size=(h, w))
+    raise ValueError(f"model must be one of {MODELS}; got {name!r}")
+
+
+def build_optimizer(name: str, params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """``"adamw"`` (weight decay 0.01), ``"adam"`` or ``"sgd"`` (momentum 0.9)."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {name!r}")
+
+
+# -- training and evaluation --------------------------------------------------------------------
+def train_task(model: nn.Module, optimizer: torch.optim.Optimizer, data: tuple[torch.Tensor, torch.Tensor],
+               task_id: int | None, epochs: int, batch_size: int, s_max: float, reg: float,
+               generator: torch.Generator) -> None:
+    """Train ``task_id`` on ``data = (x, y)`` with cross-entropy plus ``reg`` times HAT's mask
+    regularizer, the mask scale annealed linearly from ``1/s_max`` to ``s_max`` within each epoch
+    (the paper's schedule).
+
+    ``task_id=None`` trains the plain network (no masks, no protection, no regularizer): fine-tuning.
+    Earlier tasks are protected by ``hat``'s optimizer step hooks, whatever the optimizer.
+    """
+    x, y = data
+    n_batches = -(-len(x) // batch_size)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=generator)
+        for b in range(n_batches):
+            idx = order[b * batch_size:(b + 1) * batch_size]
+            scale = get_hat_mask_scale("linear", s_max, b / max(n_batches - 1, 1))
+            logits = model(HATPayload(x[idx], task_id=task_id, mask_scale=scale)).data
+            loss = F.cross_entropy(logits, y[idx])
+            if task_id is not None and reg:
+                loss = loss + reg * get_hat_reg_term(model, task_id=task_id, mask_scale=scale)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task_id: int | None, batch_size: int = 1024) -> float:
+    """Accuracy in [0, 1] of ``task_id`` with the hard (binary) masks, in eval mode.
+
+    Computed from integer counts, so equal predictions give bit-equal accuracies.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        correct = 0
+        for i in range(0, len(x), batch_size):
+            logits = model(HATPayload(x[i:i + batch_size], task_id=task_id)).data
+            correct += int((logits.argmax(1) == y[i:i + batch_size]).sum())
+    finally:
+        model.train(was_training)
+    return correct / len(x)
+
+
+def run_sequence(model: nn.Module, optimizer: torch.optim.Optimizer, tasks: Sequence[Task], *,
+                 method: Method = "hat", epochs: int = 5, batch_size: int = 32, s_max: float = 400.0,
+                 reg: float = 0.75, generator: torch.Generator | None = None) -> list[list[float]]:
+    """Train ``tasks`` in order with one optimizer; after each, evaluate every task seen so far.
+
+    ``method="hat"`` trains and evaluates task ``t`` as ``task_id=t`` (its masks and its head);
+    ``"finetune"`` uses ``task_id=None`` throughout: the plain network and the shared head, the
+    baseline that forgets. Batch order comes from ``generator`` (None: one seeded with 0).
+    Returns the accuracy matrix, row ``t`` holding ``t + 1`` entries.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    matrix: list[list[float]] = []
+    for t, (x_train, y_train, _, _) in enumerate(tasks):
+        task_id = t if method == "hat" else None
+        train_task(model, optimizer, (x_train, y_train), task_id, epochs, batch_size, s_max, reg, generator)
+        matrix.append([evaluate(model, x_te, y_te, k if method == "hat" else None)
+                       for k, (_, _, x_te, y_te) in enumerate(tasks[:t + 1])])
+    return matrix
+
+
+# -- metrics ------------------------------------------------------------------------------------
+def average_accuracy(matrix: Sequence[Sequence[float]]) -> float:
+    """Mean accuracy over all tasks after the last one trained (the mean of the last row)."""
+    last = matrix[-1]
+    return sum(last) / len(last)
+
+
+def backward_transfer(matrix: Sequence[Sequence[float]]) -> float:
+    """BWT (Lopez-Paz & Ranzato, 2017): ``mean over k < T-1 of acc[T-1][k] - acc[k][k]``.
+
+    Negative means forgetting; 0.0 when fewer than two tasks were trained.
+    """
+    last = len(matrix) - 1
+    if last < 1:
+        return 0.0
+    return sum(matrix[last][k] - matrix[k][k] for k in range(last)) / last

@@ -1,0 +1,89 @@
+"""``python -m hat run``, in process: the accuracy matrix, exact zero BWT for HAT, forgetting for fine-tuning."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hat.cli import build_parser, format_results, main, run
+from hat.experiment import average_accuracy, backward_transfer
+
+QUICK = ["run", "--benchmark", "split-digits", "--tasks", "3", "--epochs", "2"]
+
+
+def _run(*extra: str) -> dict:
+    return run(build_parser().parse_args([*QUICK, *extra]))
+
+
+def test_main_prints_matrix_and_zero_bwt(capsys):
+    rng, threads = torch.random.get_rng_state(), torch.get_num_threads()
+    assert main([*QUICK, "--model", "mlp", "--optimizer", "adamw", "--lr", "1e-3", "--seed", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "task 0" in out and "task 2" in out and "after 2" in out
+    assert "Average accuracy" in out
+    assert "BWT: 0.000 pp" in out
+    # no global side effects for in-process callers
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    assert torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize("model, epochs", [("mlp", "2"), ("cnn", "3")])
+def test_hat_keeps_earlier_tasks_exactly(model, epochs):
+    results = _run("--model", model, "--epochs", epochs)
+    matrix = results["matrix"]
+    assert [len(row) for row in matrix] == [1, 2, 3]
+    for k in range(3):
+        assert matrix[k][k] >= 0.9, f"task {k} reached only {matrix[k][k]:.3f}"
+        assert all(matrix[t][k] == matrix[k][k] for t in range(k, 3)), f"task {k} changed: {matrix}"
+    assert results["bwt"] == 0.0
+    assert results["average_accuracy"] == sum(matrix[-1]) / 3
+
+
+def test_same_seed_same_results():
+    assert _run("--seed", "1")["matrix"] == _run("--seed", "1")["matrix"]
+
+
+def test_finetune_forgets():
+    matrix = _run("--method", "finetune", "--epochs", "3")["matrix"]
+    last = len(matrix) - 1
+    assert min(matrix[last][k] - matrix[k][k] for k in range(last)) < 0, matrix
+    assert backward_transfer(matrix) < 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--model", "resnet"], "invalid choice: 'resnet' (choose from 'mlp', 'cnn')"),
+    (["run", "--benchmark", "cifar"], "invalid choice: 'cifar'"),
+    (["run", "--optimizer", "lbfgs"], "invalid choice: 'lbfgs'"),
+    (["run", "--method", "ewc"], "invalid choice: 'ewc'"),
+    (["run", "--tasks", "6"], "invalid choice: 6"),
+    (["run", "--epochs", "0"], "must be a positive integer"),
+    (["run", "--lr", "-1"], "must be a positive number"),
+    ([], "required"),
+])
+def test_bad_arguments_exit_2(capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_metrics():
+    matrix = [[1.0], [0.5, 0.75], [0.25, 0.75, 1.0]]
+    assert average_accuracy(matrix) == 2.0 / 3
+    assert backward_transfer(matrix) == ((0.25 - 1.0) + (0.75 - 0.75)) / 2
+    assert backward_transfer([[0.9]]) == 0.0
+
+
+def test_tiny_negative_bwt_prints_as_zero():
+    args = vars(build_parser().parse_args(["run"])) | {"lr": 1e-3}
+    text = format_results({"matrix": [[1.0], [1.0, 1.0]], "average_accuracy": 1.0, "bwt": -1e-12,
+                           "seconds": 0.0, "args": args})
+    assert "BWT: 0.000 pp" in text
+
+
+def test_import_hat_stays_light():
+    code = "import sys, hat, hat.cli, hat.experiment; assert 'sklearn' not in sys.modules, 'sklearn imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -11,6 +11,7 @@ restore) is doing its full work.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 
@@ -61,16 +62,36 @@ class HATCNN(nn.Module):
         return self.head(p)
 
 
+@torch.no_grad()
+def copy_weights(plain: PlainCNN, hat_model: HATCNN) -> None:
+    convs = [m for m in plain.features if isinstance(m, nn.Conv2d)]
+    norms = [m for m in plain.features if isinstance(m, nn.BatchNorm2d)]
+    for src, dst in zip(convs, hat_model.convs):
+        dst.weight.copy_(src.weight)
+        dst.bias.copy_(src.bias)
+    for src, dst in zip(norms, hat_model.norms):
+        dst.weight.copy_(src.weight.expand_as(dst.weight))
+        dst.bias.copy_(src.bias.expand_as(dst.bias))
+    hat_model.fc.weight.copy_(plain.fc.weight)
+    hat_model.fc.bias.copy_(plain.fc.bias)
+    hat_model.head.weight.copy_(plain.head.weight.expand_as(hat_model.head.weight))
+    hat_model.head.bias.copy_(plain.head.bias.expand_as(hat_model.head.bias))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=200, help="timed pairs per measurement")
     parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--flush-denormal", action="store_true",
+                        help="treat subnormal floats as 0 (torch.set_flush_denormal) in both models")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    torch.set_flush_denormal(args.flush_denormal)
     torch.manual_seed(0)
 
     plain = PlainCNN()
     hat_model = HATCNN(HATConfig(num_tasks=5))
+    copy_weights(plain, hat_model)  # weight values can change CPU speed (subnormals): start equal
     opt_plain = torch.optim.AdamW(plain.parameters(), lr=1e-3, weight_decay=0.01)
     opt_hat = torch.optim.AdamW(hat_model.parameters(), lr=1e-3, weight_decay=0.01)
     x = torch.randn(32, 3, 32, 32)
@@ -105,8 +126,24 @@ def main() -> None:
     plain.train()
     hat_model.train()
     train = paired(step_hat, step_plain, args.repeats, args.warmup)
-    print(f"train step (AdamW, task 1 with task 0 protected): HAT / plain = {train:.3f}x  (median of {args.repeats} paired ratios)")
-    print(f"inference (hard mask, eval):                    HAT / plain = {infer:.3f}x  (median of {args.repeats} paired ratios)")
+
+    # control: the same plain network against a copy of itself; any ratio away from 1 here is
+    # the measurement's own bias and noise, not HAT's
+    twin = copy.deepcopy(plain)
+    opt_twin = torch.optim.AdamW(twin.parameters(), lr=1e-3, weight_decay=0.01)
+    opt_twin.load_state_dict(opt_plain.state_dict())
+
+    def step_twin() -> None:
+        loss = F.cross_entropy(twin(x), y)
+        opt_twin.zero_grad()
+        loss.backward()
+        opt_twin.step()
+
+    control = paired(step_twin, step_plain, args.repeats, args.warmup)
+    n = args.repeats
+    print(f"train step (AdamW, task 1 with task 0 protected): HAT / plain = {train:.3f}x  (median of {n} paired ratios)")
+    print(f"inference (hard mask, eval):                    HAT / plain = {infer:.3f}x  (median of {n} paired ratios)")
+    print(f"control, train step:                     plain copy / plain = {control:.3f}x  (median of {n} paired ratios)")
 
 
 def paired(fn_hat, fn_plain, repeats: int, warmup: int) -> float:

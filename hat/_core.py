@@ -70,6 +70,38 @@ class _GradScale(torch.autograd.Function):
         return grad * factor, None
 
 
+def _flush(mask: torch.Tensor) -> torch.Tensor:
+    """Switch units whose soft mask is below _FLUSH fully off. Masks around 1e-30 otherwise make
+    subnormal activations downstream, and every op on those runs several times slower on CPUs."""
+    return mask.masked_fill(mask < _FLUSH, 0)
+
+
+class _CompensatedSigmoid(torch.autograd.Function):
+    """``sigmoid(s * e)`` (flushed) with HAT's compensated embedding gradient, in one node.
+
+    Backward is ``s * sigmoid'(s e)`` times the paper's compensation
+    ``s_max * (cosh(clamp(s e)) + 1) / (s * (cosh(e) + 1))``, with ``sigmoid'`` taken as
+    ``m (1 - m)`` from the forward's ``m`` exactly as autograd would (so a unit saturated on gets
+    no gradient, as in the reference implementation). Units flushed to 0 in the forward pass
+    keep their gradient (straight-through).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, e: torch.Tensor, scale: float, factor: float, clamp: float) -> torch.Tensor:
+        mask = torch.sigmoid(scale * e)
+        ctx.save_for_backward(e, mask)
+        ctx.scale, ctx.factor, ctx.clamp = scale, factor, clamp
+        return _flush(mask)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        e, mask = ctx.saved_tensors
+        num = torch.cosh((ctx.scale * e).clamp_(-ctx.clamp, ctx.clamp)).add_(1)
+        den = torch.cosh(e).add_(1)
+        slope = mask * (1 - mask)
+        return grad * slope.mul_(num).div_(den).mul_(ctx.factor), None, None, None
+
+
 def _on_grad(ref: weakref.ref, name: str, param: torch.Tensor) -> None:
     module = ref()
     if module is not None:
@@ -309,17 +341,16 @@ class HATMasked(TaskTracked):
         e = self.task_embedding[task]
         if scale is None:
             return (e > 0).to(e.dtype)
-        if e.requires_grad and torch.is_grad_enabled():
-            cfg = self.hat_config
-            with torch.no_grad():
-                clamped = (scale * e).clamp(-cfg.grad_comp_clamp, cfg.grad_comp_clamp)
-                factor = cfg.grad_comp_factor * (torch.cosh(clamped) + 1) / (scale * (torch.cosh(e) + 1))
-            e = _GradScale.apply(e, factor)
-        mask = self.hat_config.gate(scale * e)
-        # Units whose soft mask is below _FLUSH are switched fully off in the forward pass, with the
-        # gradient left as it was (straight-through). Otherwise masks around 1e-30 make subnormal
-        # activations downstream, and every op on them runs several times slower on CPUs.
-        return mask - (mask * (mask < _FLUSH)).detach()
+        cfg = self.hat_config
+        if not (e.requires_grad and torch.is_grad_enabled()):
+            return _flush(cfg.gate(scale * e))
+        if cfg.gate is torch.sigmoid:
+            return _CompensatedSigmoid.apply(e, scale, cfg.grad_comp_factor, cfg.grad_comp_clamp)
+        with torch.no_grad():
+            clamped = (scale * e).clamp(-cfg.grad_comp_clamp, cfg.grad_comp_clamp)
+            factor = cfg.grad_comp_factor * (torch.cosh(clamped) + 1) / (scale * (torch.cosh(e) + 1))
+        mask = cfg.gate(scale * _GradScale.apply(e, factor))
+        return mask - (mask * (mask < _FLUSH)).detach()  # _flush, keeping the gradient
 
     def used_units(self, tasks: torch.Tensor) -> torch.Tensor:
         """Units whose hard mask is on for any of ``tasks`` (bool ``[num_tasks]``): the binary

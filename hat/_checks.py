@@ -15,54 +15,35 @@ import torch
 from hat._errors import HATTypeError, HATValueError, TaskIndexError
 
 
-def check_task_id(task_id: Any, num_tasks: int, *, name: str = "task_id", allow_none: bool = True) -> int | None:
+def check_task_id(task_id: Any, num_tasks: int | None, *, name: str = "task_id", allow_none: bool = True) -> int | None:
     """Return ``task_id`` as a Python int (or None), or raise a clear error.
 
     Accepted: None (when ``allow_none``), Python and numpy integers, 0-d integer tensors.
     Rejected: bool (a common slip: ``True`` is not task 1), floats, strings, other tensors.
+    ``num_tasks=None`` checks the type and sign only (the payload does not know num_tasks).
     """
+    allowed = "a non-negative int" if num_tasks is None else f"an int in [0, {num_tasks})"
     if task_id is None:
         if allow_none:
             return None
-        raise HATTypeError(f"{name} must be an int in [0, {num_tasks}); got None")
+        raise HATTypeError(f"{name} must be {allowed}; got None")
     if isinstance(task_id, torch.Tensor):
         if task_id.dim() != 0 or task_id.dtype.is_floating_point or task_id.dtype.is_complex or task_id.dtype == torch.bool:
             raise HATTypeError(
-                f"{name} must be an int in [0, {num_tasks}) or None; got a tensor of dtype "
-                f"{task_id.dtype} and shape {tuple(task_id.shape)} (a 0-d integer tensor is accepted)"
+                f"{name} must be {allowed} or None; got a tensor of dtype {task_id.dtype} and shape "
+                f"{tuple(task_id.shape)} (a 0-d integer tensor is accepted)"
             )
         value = int(task_id.item())
     elif isinstance(task_id, bool) or not isinstance(task_id, numbers.Integral):
-        raise HATTypeError(
-            f"{name} must be an int in [0, {num_tasks}) or None; got {task_id!r} of type {type(task_id).__name__}"
-        )
+        raise HATTypeError(f"{name} must be {allowed} or None; got {task_id!r} of type {type(task_id).__name__}")
     else:
         value = int(task_id)
-    if not 0 <= value < num_tasks:
+    if value < 0 or (num_tasks is not None and value >= num_tasks):
         raise TaskIndexError(
-            f"{name} must be in [0, {num_tasks}) (num_tasks={num_tasks}); got {value}. "
-            "Negative ids are not allowed: -1 would silently mean the last task."
+            f"{name} must be {allowed}; got {value}"
+            + (f" (num_tasks={num_tasks})" if num_tasks is not None else "")
+            + (". Negative ids are not allowed: -1 would silently mean the last task." if value < 0 else "")
         )
-    return value
-
-
-def check_task_id_type(task_id: Any, *, name: str = "task_id") -> int | None:
-    """Type check only, for places that do not know num_tasks yet (the payload)."""
-    if task_id is None:
-        return None
-    if isinstance(task_id, torch.Tensor):
-        if task_id.dim() != 0 or task_id.dtype.is_floating_point or task_id.dtype.is_complex or task_id.dtype == torch.bool:
-            raise HATTypeError(
-                f"{name} must be a non-negative int or None; got a tensor of dtype {task_id.dtype} "
-                f"and shape {tuple(task_id.shape)} (a 0-d integer tensor is accepted)"
-            )
-        value = int(task_id.item())
-    elif isinstance(task_id, bool) or not isinstance(task_id, numbers.Integral):
-        raise HATTypeError(f"{name} must be a non-negative int or None; got {task_id!r} of type {type(task_id).__name__}")
-    else:
-        value = int(task_id)
-    if value < 0:
-        raise TaskIndexError(f"{name} must be a non-negative int or None; got {value}")
     return value
 
 

@@ -138,7 +138,7 @@ class TaskTracked:
             ref = hooked.get(name)
             if ref is not None and ref() is param:
                 continue
-            param.register_post_accumulate_grad_hook(lambda p, _r=weakref.ref(self), _n=name: _on_grad(_r, _n, p))
+            param.register_post_accumulate_grad_hook(functools.partial(_on_grad, weakref.ref(self), name))
             hooked[name] = weakref.ref(param)
 
     def __getstate__(self) -> dict[str, Any]:

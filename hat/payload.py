@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hat._checks import check_mask_scale, check_task_id_type
+from hat._checks import check_mask_scale, check_task_id
 
 __all__ = ["HATPayload"]
 
@@ -59,7 +59,7 @@ class HATPayload:
     def __init__(self, data: torch.Tensor, task_id: Any = None, mask_scale: Any = None) -> None:
         if not isinstance(data, torch.Tensor):
             raise TypeError(f"data must be a torch.Tensor; got {type(data).__name__}")
-        self.task_id: int | None = check_task_id_type(task_id)
+        self.task_id: int | None = check_task_id(task_id, None)
         self.mask_scale: float | None = check_mask_scale(mask_scale)
         self._raw = data
         self._data: torch.Tensor | None = data

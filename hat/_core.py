@@ -184,14 +184,18 @@ class TaskTracked:
         return task, scale
 
     def _hat_note_forward(self, slot: int) -> None:
-        """Record a training forward of ``slot`` (only training mode with grad enabled counts)."""
-        if not (self.training and torch.is_grad_enabled()):
-            return
+        """Record a forward of ``slot``; only training mode with grad enabled counts as training.
+
+        Any forward after a backward starts a new set, even one that does not count: a later
+        backward through an evaluation graph (a saliency map, say) then sees no task instead of
+        the tasks of the last training step.
+        """
         step = self._hat_step
-        if step.fwd_closed:  # first forward after a backward: a new set of tasks
+        if step.fwd_closed:
             step.fwd.clear()
             step.fwd_closed = False
-        step.fwd.add(slot)
+        if self.training and torch.is_grad_enabled():
+            step.fwd.add(slot)
 
     def _hat_after_backward(self, name: str, param: torch.Tensor) -> None:
         step = self._hat_step

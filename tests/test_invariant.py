@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hat import HATConfig
+from hat import HATConfig, HATPayload
 
 from helpers import accuracy, eval_logits, train_task
 from models import CNN, MLP, OPTIMIZERS
@@ -47,3 +47,23 @@ def test_plain_training_forgets(digit_tasks):
     x_tr, y_tr, _, _ = digit_tasks[1]
     train_task(model, optimizer, x_tr, y_tr, None, epochs=1, reg=0)
     assert not torch.equal(eval_logits(model, x_te, None), before)
+
+
+@pytest.mark.filterwarnings("ignore:hat. 2 plain")
+def test_backward_through_an_eval_graph_between_tasks_changes_nothing(digit_tasks):
+    """A saliency map (eval forward with grad, backward) between tasks must not make the next
+    step think the last task is still being trained."""
+    torch.manual_seed(0)
+    model = CNN(HATConfig(num_tasks=NUM_TASKS))
+    optimizer = OPTIMIZERS["adamw"](model.parameters())
+    x_probe = digit_tasks[0][2]
+    train_task(model, optimizer, digit_tasks[0][0], digit_tasks[0][1], 0, epochs=2)
+    train_task(model, optimizer, digit_tasks[1][0], digit_tasks[1][1], 1, epochs=2)
+    recorded = {k: eval_logits(model, x_probe, k) for k in (0, 1)}
+    model.eval()
+    x = x_probe[:8].clone().requires_grad_()
+    model(HATPayload(x, task_id=1)).data.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    train_task(model, optimizer, digit_tasks[2][0], digit_tasks[2][1], 2, epochs=1)
+    for k in (0, 1):
+        assert torch.equal(eval_logits(model, x_probe, k), recorded[k])

@@ -7,7 +7,7 @@ optimizer created once for the whole task sequence.
 from __future__ import annotations
 
 from hat import _protect, modules, utils
-from hat._errors import HATError, HATStateError, HATTypeError, HATValueError, TaskIndexError
+from hat._errors import HATError, HATTypeError, HATValueError, TaskIndexError
 from hat._protect import mark_trained, trained_tasks
 from hat.config import HATConfig
 from hat.payload import HATPayload
@@ -16,7 +16,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     "HATConfig", "HATPayload", "mark_trained", "trained_tasks", "modules", "utils",
-    "HATError", "HATTypeError", "HATValueError", "TaskIndexError", "HATStateError", "__version__",
+    "HATError", "HATTypeError", "HATValueError", "TaskIndexError", "__version__",
 ]
 
 _protect.install()

@@ -6,7 +6,7 @@ for users who do not know about hat's own types.
 
 from __future__ import annotations
 
-__all__ = ["HATError", "HATTypeError", "HATValueError", "TaskIndexError", "HATStateError"]
+__all__ = ["HATError", "HATTypeError", "HATValueError", "TaskIndexError"]
 
 
 class HATError(Exception):
@@ -23,7 +23,3 @@ class HATValueError(HATError, ValueError):
 
 class TaskIndexError(HATError, IndexError):
     """A task id outside ``[0, num_tasks)``."""
-
-
-class HATStateError(HATError, RuntimeError):
-    """A call that the current training state does not allow."""

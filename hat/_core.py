@@ -192,14 +192,17 @@ class TaskTracked:
         """
         step = self._hat_step
         if step.fwd_closed:
-            step.fwd.clear()
+            step.fwd = set()  # a new set: the old one may now be the step's training set (bwd)
             step.fwd_closed = False
         if self.training and torch.is_grad_enabled():
             step.fwd.add(slot)
 
     def _hat_after_backward(self, name: str, param: torch.Tensor) -> None:
         step = self._hat_step
-        step.bwd |= step.fwd
+        if step.fwd:
+            # the tasks of the latest backward are the ones the next step trains; an earlier
+            # backward that no step followed does not count
+            step.bwd = step.fwd
         step.fwd_closed = True
         if name in self._hat_unit_params and param.grad is not None:
             tasks = {s for s in step.fwd if s < self.num_tasks}
@@ -263,7 +266,7 @@ class TaskTracked:
         if newly_trained:
             self.hat_trained[newly_trained] = True
         step.witnessed.update(t for t in step.bwd if t < self.num_tasks)
-        step.bwd.clear()
+        step.bwd = set()
         step.trained = None
 
 
@@ -294,7 +297,7 @@ class _StepState:
     def __init__(self) -> None:
         self.fwd: set[int] = set()  # slots forwarded in training since the last backward
         self.fwd_closed = False  # a backward came after those forwards
-        self.bwd: set[int] = set()  # slots whose backward reached this module since the last step
+        self.bwd: set[int] = set()  # slots of the latest backward that reached this module, until a step
         self.trained: frozenset[int] | None = None  # hat_trained as read this step
         # tasks whose optimizer steps this module object saw (not those of a copy or a checkpoint)
         self.witnessed: set[int] = set()

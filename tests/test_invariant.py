@@ -67,3 +67,18 @@ def test_backward_through_an_eval_graph_between_tasks_changes_nothing(digit_task
     train_task(model, optimizer, digit_tasks[2][0], digit_tasks[2][1], 2, epochs=1)
     for k in (0, 1):
         assert torch.equal(eval_logits(model, x_probe, k), recorded[k])
+
+
+def test_a_backward_without_step_at_the_end_of_a_task_does_not_unprotect_it(digit_tasks):
+    """Only the latest backward's tasks are trained by the next step."""
+    torch.manual_seed(0)
+    model = CNN(HATConfig(num_tasks=NUM_TASKS))
+    optimizer = OPTIMIZERS["adamw"](model.parameters())
+    x_tr, y_tr, x_probe, _ = digit_tasks[0]
+    train_task(model, optimizer, x_tr, y_tr, 0, epochs=2)
+    # e.g. a gradient statistic gathered in training mode after the last step of task 0 (the
+    # training-mode forward updates task 0's BatchNorm statistics, as in PyTorch: record after it)
+    model(HATPayload(x_tr[:32], task_id=0, mask_scale=100.0)).data.sum().backward()
+    recorded = eval_logits(model, x_probe, 0)
+    train_task(model, optimizer, digit_tasks[1][0], digit_tasks[1][1], 1, epochs=1)
+    assert torch.equal(eval_logits(model, x_probe, 0), recorded)

@@ -357,7 +357,7 @@ class HATMasked(TaskTracked):
             clamped = (scale * e).clamp(-cfg.grad_comp_clamp, cfg.grad_comp_clamp)
             factor = cfg.grad_comp_factor * (torch.cosh(clamped) + 1) / (scale * (torch.cosh(e) + 1))
         mask = cfg.gate(scale * _GradScale.apply(e, factor))
-        return mask - (mask * (mask < _FLUSH)).detach()  # _flush, keeping the gradient
+        return mask - (mask - _flush(mask)).detach()  # flushed forward, gradient kept
 
     def used_units(self, tasks: torch.Tensor) -> torch.Tensor:
         """Units whose hard mask is on for any of ``tasks`` (bool ``[num_tasks]``): the binary

@@ -143,21 +143,21 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value < float("inf"):  # also rejects nan
-        raise argparse.ArgumentTypeError(f"must be a positive number; got {text!r}")
-    return value
+def _float_at_least(lowest: float, strict: bool):
+    """An argparse type: a finite float above ``lowest`` (or equal to it when not ``strict``)."""
+    what = "a positive number" if strict else "a non-negative number"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not (value > lowest if strict else value >= lowest) or value == float("inf"):  # nan fails both
+            raise argparse.ArgumentTypeError(f"must be {what}; got {text!r}")
+        return value
+
+    return parse
 
 
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a non-negative number; got {text!r}")
-    return value
+_positive_float = _float_at_least(0.0, strict=True)
+_non_negative_float = _float_at_least(0.0, strict=False)

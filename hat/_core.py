@@ -70,6 +70,13 @@ class _GradScale(torch.autograd.Function):
         return grad * factor, None
 
 
+def _row(param: torch.Tensor, slot: Any) -> torch.Tensor:
+    """Row ``slot`` of a task-indexed tensor; ``slot`` an int or a 0-d tensor (torch.compile)."""
+    if isinstance(slot, torch.Tensor):
+        return param.index_select(0, slot.view(1)).squeeze(0)
+    return param[slot]
+
+
 def _flush(mask: torch.Tensor) -> torch.Tensor:
     """Switch units whose soft mask is below _FLUSH fully off. Masks around 1e-30 otherwise make
     subnormal activations downstream, and every op on those runs several times slower on CPUs."""
@@ -87,25 +94,131 @@ class _CompensatedSigmoid(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, e: torch.Tensor, scale: float, factor: float, clamp: float) -> torch.Tensor:
+    def forward(ctx: Any, e: torch.Tensor, scale: Any, factor: float, clamp: float) -> torch.Tensor:
         mask = torch.sigmoid(scale * e)
-        ctx.save_for_backward(e, mask)
-        ctx.scale, ctx.factor, ctx.clamp = scale, factor, clamp
+        if isinstance(scale, torch.Tensor):  # a 0-d tensor under torch.compile
+            ctx.save_for_backward(e, mask, scale)
+        else:
+            ctx.save_for_backward(e, mask)
+            ctx.scale = scale
+        ctx.factor, ctx.clamp = factor, clamp
         return _flush(mask)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        e, mask = ctx.saved_tensors
-        num = torch.cosh((ctx.scale * e).clamp_(-ctx.clamp, ctx.clamp)).add_(1)
+        saved = ctx.saved_tensors
+        e, mask = saved[0], saved[1]
+        scale = saved[2] if len(saved) == 3 else ctx.scale
+        num = torch.cosh((scale * e).clamp_(-ctx.clamp, ctx.clamp)).add_(1)
         den = torch.cosh(e).add_(1)
         slope = mask * (1 - mask)
         return grad * slope.mul_(num).div_(den).mul_(ctx.factor), None, None, None
 
 
-def _on_grad(ref: weakref.ref, name: str, param: torch.Tensor) -> None:
+class _Probe(torch.autograd.Function):
+    """Identity on ``x``; its backward gives ``probe`` a one-hot gradient at ``slot``.
+
+    One such node per module forward that builds a graph: when a backward reaches it, the
+    probe's gradient says exactly which task slots that backward trained through the module,
+    in eager mode and inside torch.compile graphs alike (the slot may be a 0-d tensor there).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, probe: torch.Tensor, slot: Any) -> torch.Tensor:
+        ctx.n, ctx.dtype = probe.shape[0], probe.dtype
+        if isinstance(slot, torch.Tensor):
+            ctx.save_for_backward(slot)
+            ctx.slot = None
+        else:
+            ctx.slot = slot
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        if ctx.slot is None:
+            (slot,) = ctx.saved_tensors
+            hot = (torch.arange(ctx.n, device=grad.device) == slot).to(ctx.dtype)
+        else:
+            hot = torch.zeros(ctx.n, dtype=ctx.dtype, device=grad.device)
+            hot[ctx.slot] = 1
+        return grad, hot, None
+
+
+class _TaskMask(torch.autograd.Function):
+    """``flush(sigmoid(s * E[t]))`` in one autograd node: row selection, gate, HAT's compensated
+    gradient into row ``t`` of ``E`` and, when ``probe`` is given, the probe's one-hot at ``t``
+    (eager forwards; an int ``t``)."""
+
+    @staticmethod
+    def forward(ctx: Any, emb: torch.Tensor, task: int, scale: float, factor: float, clamp: float,
+                probe: torch.Tensor | None) -> torch.Tensor:
+        e = emb[task]
+        mask = torch.sigmoid(scale * e)
+        ctx.save_for_backward(e, mask)
+        ctx.task, ctx.scale, ctx.factor, ctx.clamp = task, scale, factor, clamp
+        ctx.shape, ctx.probe_n = emb.shape, None if probe is None else (probe.shape[0], probe.dtype)
+        return _flush(mask)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        e, mask = ctx.saved_tensors
+        num = torch.cosh((ctx.scale * e).clamp_(-ctx.clamp, ctx.clamp)).add_(1)
+        den = torch.cosh(e).add_(1)
+        slope = mask * (1 - mask)
+        full = grad.new_zeros(ctx.shape)
+        full[ctx.task] = grad * slope.mul_(num).div_(den).mul_(ctx.factor)
+        hot = None
+        if ctx.probe_n is not None:
+            hot = torch.zeros(ctx.probe_n[0], dtype=ctx.probe_n[1], device=grad.device)
+            hot[ctx.task] = 1
+        return full, None, None, None, None, hot
+
+
+class _Rows(torch.autograd.Function):
+    """Row ``slot`` of each task-indexed parameter plus the probe's one-hot at ``slot``, in one
+    autograd node (eager forwards of norms and task-indexed heads; an int ``slot``)."""
+
+    @staticmethod
+    def forward(ctx: Any, slot: int, probe: torch.Tensor, *params: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.slot, ctx.shapes = slot, [p.shape for p in params]
+        ctx.probe_n, ctx.probe_dtype = probe.shape[0], probe.dtype
+        return tuple(p[slot].clone() for p in params)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:
+        out = []
+        for g, shape, needed in zip(grads, ctx.shapes, ctx.needs_input_grad[2:]):
+            if g is None or not needed:
+                out.append(None)
+                continue
+            full = g.new_zeros(shape)
+            full[ctx.slot] = g
+            out.append(full)
+        hot = torch.zeros(ctx.probe_n, dtype=ctx.probe_dtype, device=grads[0].device)
+        hot[ctx.slot] = 1
+        return (None, hot, *out)
+
+
+def rows(module: Any, slot: Any, *params: torch.Tensor | None) -> tuple[Any, ...]:
+    """The rows ``slot`` of task-indexed ``params`` (None stays None), reporting ``slot`` to the
+    module's probe when grad is on: one node instead of one per row and one for the probe."""
+    present = [p for p in params if p is not None]
+    if isinstance(slot, torch.Tensor) or not present or not torch.is_grad_enabled():
+        got = [_row(p, slot) for p in present]
+        if isinstance(slot, torch.Tensor) and torch.is_grad_enabled() and got:
+            got[0] = module._hat_mark(got[0], slot)
+    else:
+        got = list(_Rows.apply(slot, module._hat_probe, *present))
+    it = iter(got)
+    return tuple(None if p is None else next(it) for p in params)
+
+
+def _on_probe(ref: weakref.ref, probe: torch.Tensor) -> None:
     module = ref()
     if module is not None:
-        module._hat_after_backward(name, param)
+        # the latest backward's slots; read (one sync for all modules) at the next step
+        module._hat_step.latest = probe.grad
+    probe.grad = None
 
 
 class TaskTracked:
@@ -125,26 +238,39 @@ class TaskTracked:
         self.num_tasks = num_tasks
         # the only bookkeeping that must outlive a step: it travels with the state_dict
         self.register_buffer("hat_trained", torch.zeros(num_tasks, dtype=torch.bool, device=device))
+        # the task selected by hat.set_task, as 0-d tensors that forwards read (torch.compile does
+        # not recompile when they change); slot num_tasks is "no task", scale 0 the hard mask
+        self.register_buffer("hat_task", torch.tensor(num_tasks, device=device), persistent=False)
+        self.register_buffer("hat_scale", torch.tensor(0.0, device=device), persistent=False)
+        self.__dict__["_hat_state"] = (None, None)  # the same selection as Python values, for eager forwards
         self.__dict__["_hat_step"] = _StepState()
         _LIVE.add(self)
         self._hat_ensure_hooks()
 
-    # -- hooks: registered once per parameter object ------------------------------------
+    # -- the probe: one leaf tensor per module, its hook registered once ---------------------
     def _hat_ensure_hooks(self) -> None:
-        hooked = self.__dict__.setdefault("_hat_hooked", {})
-        for name, param in self._parameters.items():
-            if param is None or not param.requires_grad:
-                continue
-            ref = hooked.get(name)
-            if ref is not None and ref() is param:
-                continue
-            param.register_post_accumulate_grad_hook(functools.partial(_on_grad, weakref.ref(self), name))
-            hooked[name] = weakref.ref(param)
+        probe = self.__dict__.get("_hat_probe")
+        device = self.hat_trained.device
+        if probe is None or probe.device != device or probe.shape[0] != self.num_tasks + 1:
+            probe = torch.zeros(self.num_tasks + 1, device=device, requires_grad=True)
+            probe.register_post_accumulate_grad_hook(functools.partial(_on_probe, weakref.ref(self)))
+            self.__dict__["_hat_probe"] = probe
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        out = super()._apply(fn, recurse)  # type: ignore[misc]
+        self._hat_ensure_hooks()  # a move to another device needs a probe there
+        return out
+
+    def _hat_mark(self, x: torch.Tensor, slot: Any) -> torch.Tensor:
+        """Pass ``x`` through this module's probe so that a backward reports ``slot``."""
+        if torch.is_grad_enabled():
+            return _Probe.apply(x, self._hat_probe, slot)
+        return x
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        # weakrefs do not pickle and tensor hooks do not survive a copy: both are made anew
-        state.pop("_hat_hooked", None)
+        # the probe's hook holds a weakref (does not pickle): probe and step state are made anew
+        state.pop("_hat_probe", None)
         state.pop("_hat_step", None)
         state.pop("_hat_mask_cache", None)
         return state
@@ -159,7 +285,6 @@ class TaskTracked:
         super()._load_from_state_dict(*args, **kwargs)  # type: ignore[misc]
         _invalidate_masks()  # the embeddings the cached masks came from may have changed
         self._hat_step.trained = None
-        self._hat_ensure_hooks()  # load_state_dict(assign=True) swaps the parameter objects
 
     # -- bookkeeping ----------------------------------------------------------------------
     def _hat_slot(self, task_id: int | None) -> int:
@@ -183,57 +308,38 @@ class TaskTracked:
             )
         return task, scale
 
-    def _hat_note_forward(self, slot: int) -> None:
-        """Record a forward of ``slot``; only training mode with grad enabled counts as training.
+    def _hat_selected(self) -> tuple[int | None, float | None]:
+        """The task and scale selected by ``hat.set_task``, validated for a forward."""
+        task, scale = self._hat_state
+        if task is not None and scale is None and self.training and torch.is_grad_enabled():
+            raise HATValueError(
+                f"{type(self).__name__} runs a training forward with grad enabled on the hard mask of task {task}; "
+                "select a mask scale (hat.set_task(model, task_id, mask_scale=...)) or evaluate under "
+                "model.eval() / torch.no_grad()"
+            )
+        return task, scale
 
-        Any forward after a backward starts a new set, even one that does not count: a later
-        backward through an evaluation graph (a saliency map, say) then sees no task instead of
-        the tasks of the last training step.
-        """
-        step = self._hat_step
-        if step.fwd_closed:
-            step.fwd = set()  # a new set: the old one may now be the step's training set (bwd)
-            step.fwd_closed = False
-        if self.training and torch.is_grad_enabled():
-            step.fwd.add(slot)
-
-    def _hat_after_backward(self, name: str, param: torch.Tensor) -> None:
-        step = self._hat_step
-        if step.fwd:
-            # the tasks of the latest backward are the ones the next step trains; an earlier
-            # backward that no step followed does not count
-            step.bwd = step.fwd
-        step.fwd_closed = True
-        if name in self._hat_unit_params and param.grad is not None:
-            tasks = {s for s in step.fwd if s < self.num_tasks}
-            if tasks:
-                protected = self._hat_trained_set() - tasks
-                if protected:
-                    split = self._hat_unit_mask_cached(name, protected)
-                    if split is not None:
-                        param.grad.mul_(split[1])
-
-    def _hat_step_masks(self, training: set[int], protected: frozenset[int]) -> list[tuple[nn.Parameter, Split | None]]:
-        """(parameter, its protected entries) pairs for one optimizer step; None means the whole
-        parameter. ``training``: the slots being trained; ``protected``: trained tasks that must
-        not change."""
-        out: list[tuple[nn.Parameter, Split | None]] = []
+    def _hat_step_masks(self, training: set[int], protected: frozenset[int]) -> list[tuple[nn.Parameter, Split | None, bool]]:
+        """(parameter, its protected entries, condition its gradient) for one optimizer step; None
+        means the whole parameter. ``training``: the slots being trained; ``protected``: trained
+        tasks that must not change."""
+        out: list[tuple[nn.Parameter, Split | None, bool]] = []
         for name in self._hat_row_params:
             p = self._parameters.get(name)
             if p is None:
                 continue
             rows = frozenset(s for s in training if s < p.shape[0])
             if not rows:
-                out.append((p, None))
+                out.append((p, None, False))
             elif len(rows) < p.shape[0]:
-                out.append((p, _row_split(tuple(p.shape), p.device, p.dtype, rows)))
+                out.append((p, _row_split(tuple(p.shape), p.device, p.dtype, rows), False))
         if protected:
             for name in self._hat_unit_params:
                 p = self._parameters.get(name)
                 if p is not None:
                     split = self._hat_unit_mask_cached(name, protected)
                     if split is not None:
-                        out.append((p, split))
+                        out.append((p, split, True))
         return out
 
     def _hat_unit_mask_cached(self, name: str, protected: frozenset[int]) -> Split | None:
@@ -267,6 +373,7 @@ class TaskTracked:
             self.hat_trained[newly_trained] = True
         step.witnessed.update(t for t in step.bwd if t < self.num_tasks)
         step.bwd = set()
+        step.latest = None
         step.trained = None
 
 
@@ -292,11 +399,10 @@ def _row_split(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype,
 class _StepState:
     """What one training step has seen so far; transient, never saved."""
 
-    __slots__ = ("fwd", "fwd_closed", "bwd", "trained", "witnessed")
+    __slots__ = ("latest", "bwd", "trained", "witnessed")
 
     def __init__(self) -> None:
-        self.fwd: set[int] = set()  # slots forwarded in training since the last backward
-        self.fwd_closed = False  # a backward came after those forwards
+        self.latest: torch.Tensor | None = None  # the probe gradient of the latest backward, not yet read
         self.bwd: set[int] = set()  # slots of the latest backward that reached this module, until a step
         self.trained: frozenset[int] | None = None  # hat_trained as read this step
         # tasks whose optimizer steps this module object saw (not those of a copy or a checkpoint)
@@ -345,19 +451,56 @@ class HATMasked(TaskTracked):
         return self._hat_mask(task, mask_scale)
 
     def _hat_mask(self, task: int, scale: float | None) -> torch.Tensor:
-        e = self.task_embedding[task]
+        return self._hat_mask_marked(task, scale, False)[0]
+
+    def _hat_mask_marked(self, task: int, scale: float | None, mark: bool) -> tuple[torch.Tensor, bool]:
+        """The mask of ``task``; with ``mark``, the soft mask's autograd node also reports
+        ``task`` to the probe where it can (second value: whether it did)."""
+        emb = self.task_embedding
         if scale is None:
-            return (e > 0).to(e.dtype)
+            return (emb[task] > 0).to(emb.dtype), False
         cfg = self.hat_config
-        if not (e.requires_grad and torch.is_grad_enabled()):
-            return _flush(cfg.gate(scale * e))
+        if not (emb.requires_grad and torch.is_grad_enabled()):
+            return _flush(cfg.gate(scale * emb[task])), False
         if cfg.gate is torch.sigmoid:
-            return _CompensatedSigmoid.apply(e, scale, cfg.grad_comp_factor, cfg.grad_comp_clamp)
+            probe = self._hat_probe if mark else None
+            return _TaskMask.apply(emb, task, scale, cfg.grad_comp_factor, cfg.grad_comp_clamp, probe), mark
+        e = emb[task]
         with torch.no_grad():
             clamped = (scale * e).clamp(-cfg.grad_comp_clamp, cfg.grad_comp_clamp)
             factor = cfg.grad_comp_factor * (torch.cosh(clamped) + 1) / (scale * (torch.cosh(e) + 1))
         mask = cfg.gate(scale * _GradScale.apply(e, factor))
-        return mask - (mask - _flush(mask)).detach()  # flushed forward, gradient kept
+        return mask - (mask - _flush(mask)).detach(), False  # flushed forward, gradient kept
+
+    def _hat_mask_tensor(self, task: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``_hat_mask`` for a task and scale held in 0-d tensors (``hat_task``, ``hat_scale``):
+        no Python branch on their values, so torch.compile traces it once for every task and
+        scale. Slot ``num_tasks`` ("no task") gives ones; scale 0 the hard mask."""
+        last = self.num_tasks - 1
+        e = self.task_embedding.index_select(0, task.clamp(max=last).view(1)).squeeze(0)
+        hard = (e > 0).to(e.dtype)
+        cfg = self.hat_config
+        if e.requires_grad and torch.is_grad_enabled():
+            if cfg.gate is torch.sigmoid:
+                soft = _CompensatedSigmoid.apply(e, scale, cfg.grad_comp_factor, cfg.grad_comp_clamp)
+            else:
+                with torch.no_grad():
+                    safe = scale.clamp(min=1e-12)
+                    clamped = (safe * e).clamp(-cfg.grad_comp_clamp, cfg.grad_comp_clamp)
+                    factor = cfg.grad_comp_factor * (torch.cosh(clamped) + 1) / (safe * (torch.cosh(e) + 1))
+                gated = cfg.gate(scale * _GradScale.apply(e, factor))
+                soft = gated - (gated - _flush(gated)).detach()
+        else:
+            soft = _flush(cfg.gate(scale * e))
+        mask = torch.where(scale > 0, soft, hard)
+        return torch.where(task < self.num_tasks, mask, torch.ones_like(mask))
+
+    def _hat_current_mask(self) -> torch.Tensor | None:
+        """The mask of the task selected by ``hat.set_task`` (None: no task, no mask)."""
+        if torch.compiler.is_compiling():
+            return self._hat_mask_tensor(self.hat_task, self.hat_scale)
+        task, scale = self._hat_selected()
+        return None if task is None else self._hat_mask(task, scale)
 
     def used_units(self, tasks: torch.Tensor) -> torch.Tensor:
         """Units whose hard mask is on for any of ``tasks`` (bool ``[num_tasks]``): the binary
@@ -366,33 +509,50 @@ class HATMasked(TaskTracked):
 
     # -- payload path --------------------------------------------------------------------
     def _hat_record_link(self, payload: HATPayload) -> None:
-        link = UNKNOWN if payload._src is UNKNOWN else (payload._src, payload._repeat)
+        self._hat_set_link(UNKNOWN if payload._src is UNKNOWN else ((payload._src,), payload._repeat))
+
+    def _hat_set_link(self, link: Any) -> None:
+        """Where this layer's input units come from: ``(sources, repeat)`` (HAT layers whose masks
+        reach the input, None for the network's raw input; each source unit repeated ``repeat``
+        times), or UNKNOWN. Fed from different places in different calls: UNKNOWN from then on
+        (whole rows of used units are protected)."""
         old = self.__dict__.get("_hat_link")
         if old is None:
             self.__dict__["_hat_link"] = link
-        elif old is not UNKNOWN and (link is UNKNOWN or old[0] is not link[0] or old[1] != link[1]):
-            # fed from different places in different calls: protect whole rows from now on
+        elif old is not UNKNOWN and (link is UNKNOWN or len(old[0]) != len(link[0])
+                                     or any(a is not b for a, b in zip(old[0], link[0])) or old[1] != link[1]):
             self.__dict__["_hat_link"] = UNKNOWN
 
     def _hat_masked_payload(self, payload: HATPayload, y: torch.Tensor, task: int | None, scale: float | None) -> HATPayload:
         if task is None:
+            y = self._hat_mark(y, self.num_tasks)
             return payload._derive(y, mask=None, unit_mask=None, unit_dim=-1, src=None)
-        mask = self._hat_mask(task, scale)
+        mask, marked = self._hat_mask_marked(task, scale, True)
+        if not marked:
+            y = self._hat_mark(y, task)
         return payload._derive(y, mask=mask, unit_mask=mask, unit_dim=self.mask_dim, src=self)
 
     # -- conditioning --------------------------------------------------------------------
     def _hat_link_key(self) -> Any:
         link = self.__dict__.get("_hat_link")
-        return link if link is None or link is UNKNOWN else (id(link[0]), link[1])
+        return link if link is None or link is UNKNOWN else (tuple(id(s) for s in link[0]), link[1])
 
     def _hat_input_used(self, protected: torch.Tensor, in_units: int) -> torch.Tensor | None:
-        """The input units used by the protected tasks, or None where they cannot be known."""
+        """The input units used by the protected tasks (the union over every HAT layer whose
+        mask reaches the input), or None where they cannot be known or the raw input is among
+        the sources (every input unit counts as used)."""
         link = self.__dict__.get("_hat_link")
-        if link is None or link is UNKNOWN or link[0] is None:
+        if link is None or link is UNKNOWN:
             return None
-        src, repeat = link
-        if src.task_embedding.shape[1] * repeat != in_units or src.num_tasks != self.num_tasks:
+        sources, repeat = link
+        used = None
+        for src in sources:
+            if src is None or not isinstance(src, HATMasked) or src.num_tasks != self.num_tasks:
+                return None
+            if src.task_embedding.shape[1] * repeat != in_units:
+                return None
+            u = src.used_units(protected)
+            used = u if used is None else used | u
+        if used is None:
             return None
-        used = src.used_units(protected)
         return used.repeat_interleave(repeat) if repeat > 1 else used
-

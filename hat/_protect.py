@@ -67,7 +67,15 @@ class _Pending:
     part_keep: list[torch.Tensor] = field(default_factory=list)
     part_protect: list[torch.Tensor] = field(default_factory=list)
 
-    def add(self, optimizer: Any, p: torch.Tensor, split: Any) -> None:
+    grads: list[torch.Tensor] = field(default_factory=list)  # gradients conditioned before the step
+    grad_keep: list[torch.Tensor] = field(default_factory=list)
+
+    def add(self, optimizer: Any, p: torch.Tensor, split: Any, condition: bool = False) -> None:
+        if condition and p.grad is not None:
+            # HAT's conditioning (the gradient of protected entries is 0), so that momentum and
+            # Adam's moments do not build up on entries the step may not change
+            self.grads.append(p.grad)
+            self.grad_keep.append(split[1])
         buf = _buffer(optimizer, p)
         if split is None:
             self.whole.append(p.detach())
@@ -80,6 +88,8 @@ class _Pending:
 
     def snapshot(self) -> None:
         # multi-tensor ops: one call for all parameters instead of a few per parameter
+        if self.grads:
+            torch._foreach_mul_(self.grads, self.grad_keep)
         if self.whole:
             torch._foreach_copy_(self.whole_saved, self.whole)
         if self.part:
@@ -136,6 +146,7 @@ def _pre_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     trained: dict[int, set[int]] = {}
     witnessed: dict[int, set[int]] = {}
     own_trained = {}
+    _read_latest(plan.modules)
     for m in plan.modules:
         own_trained[id(m)] = m._hat_trained_set()
         training.setdefault(m.num_tasks, set()).update(m._hat_step.bwd)
@@ -150,9 +161,9 @@ def _pre_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         n = m.num_tasks
         if plain_training[n]:
             continue
-        for p, split in m._hat_step_masks(training[n], protected[n]):
+        for p, split, condition in m._hat_step_masks(training[n], protected[n]):
             if id(p) in plan.in_optimizer:
-                pending.add(optimizer, p, split)
+                pending.add(optimizer, p, split, condition)
     if plan.plain:
         n = max(training)
         if not plain_training[n]:
@@ -160,6 +171,21 @@ def _pre_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             _protect_plain(optimizer, plan.plain, n, training[n] - {n}, protected[n], unseen, pending)
     with torch.no_grad():
         pending.snapshot()
+
+
+def _read_latest(modules: list[TaskTracked]) -> None:
+    """Turn the probe gradients of the latest backwards into slot sets (one sync for all)."""
+    reading = [m for m in modules if m._hat_step.latest is not None]
+    if not reading:
+        return
+    rows = [m._hat_step.latest.detach().ne(0) for m in reading]
+    flat = torch.cat([r.to(rows[0].device) for r in rows]).tolist()
+    i = 0
+    for m, r in zip(reading, rows):
+        n = r.shape[0]
+        m._hat_step.bwd = {s for s in range(n) if flat[i + s]}
+        m._hat_step.latest = None
+        i += n
 
 
 def _buffer(optimizer: Any, p: torch.Tensor) -> torch.Tensor:

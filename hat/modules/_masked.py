@@ -7,8 +7,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from hat import _trace
 from hat._core import HATMasked
-from hat.payload import HATPayload
+from hat.payload import HATPayload, _along
 
 
 class MaskedLayer(HATMasked):
@@ -21,15 +22,36 @@ class MaskedLayer(HATMasked):
 
     _hat_base: ClassVar[type[nn.Module]]
     _hat_unit_params = ("weight", "bias")
+    # set by the trace of a converted model: a task-indexed BatchNorm right after applies the mask
+    _hat_defer = False
 
     def forward(self, input: Any) -> Any:
         if isinstance(input, HATPayload):
             task, scale = self._hat_begin(input)
             self._hat_record_link(input)
             y = self._hat_base.forward(self, input.data)
-            self._hat_note_forward(self._hat_slot(task))
-            return self._hat_masked_payload(input, y, task, scale)
-        return self._hat_base.forward(self, input)
+            return self._hat_masked_payload(input, y, task, scale)  # marks the probe
+        if _trace.ACTIVE is not None:
+            return _trace.ACTIVE.call(self, input, self._hat_forward_tensor)
+        return self._hat_forward_tensor(input)
+
+    def _hat_forward_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """A plain tensor in: the task selected by ``hat.set_task`` (none: the plain layer)."""
+        y = self._hat_base.forward(self, x)
+        if torch.compiler.is_compiling():
+            y = self._hat_mark(y, self.hat_task)
+            if self._hat_defer:
+                return y
+            return y * _along(self._hat_mask_tensor(self.hat_task, self.hat_scale), self.mask_dim, y.dim())
+        task, scale = self._hat_selected()
+        if task is None:
+            return self._hat_mark(y, self.num_tasks)
+        if self._hat_defer:  # the task-indexed BatchNorm right after applies the mask
+            return self._hat_mark(y, task)
+        mask, marked = self._hat_mask_marked(task, scale, True)
+        if not marked:
+            y = self._hat_mark(y, task)
+        return y * _along(mask, self.mask_dim, y.dim())
 
     def _hat_in_units(self) -> int:
         raise NotImplementedError

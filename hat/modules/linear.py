@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hat._core import TaskTracked, _check_config
+from hat import _trace
+from hat._core import TaskTracked, _check_config, rows
 from hat.config import HATConfig
 from hat.modules._masked import MaskedLayer
 from hat.payload import HATPayload
@@ -75,13 +76,19 @@ class TaskIndexedLinear(TaskTracked, nn.Module):
         if isinstance(input, HATPayload):
             task, _ = self._hat_begin(input)
             slot = self._hat_slot(task)
-            y = self._head(input.data, slot)
-            self._hat_note_forward(slot)
+            y = self._head(input.data, slot)  # reports the slot to the probe
             return input._derive(y, mask=None, unit_mask=None, unit_dim=-1, src=None)
-        return self._head(input, self.num_tasks)
+        if _trace.ACTIVE is not None:
+            return _trace.ACTIVE.call(self, input, self._hat_forward_tensor)
+        return self._hat_forward_tensor(input)
 
-    def _head(self, x: torch.Tensor, slot: int) -> torch.Tensor:
-        return F.linear(x, self.weight[slot], None if self.bias is None else self.bias[slot])
+    def _hat_forward_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        slot = self.hat_task if torch.compiler.is_compiling() else self._hat_slot(self._hat_state[0])
+        return self._head(x, slot)
+
+    def _head(self, x: torch.Tensor, slot: Any) -> torch.Tensor:
+        weight, bias = rows(self, slot, self.weight, self.bias)
+        return F.linear(x, weight, bias)
 
     def extra_repr(self) -> str:
         return f"num_tasks={self.num_tasks}, in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -6,9 +6,12 @@ from typing import Any
 
 from torch import nn
 
+import torch
+
+from hat import _trace
 from hat._core import HATMasked, _check_config
 from hat.config import HATConfig
-from hat.payload import HATPayload
+from hat.payload import HATPayload, _along
 
 __all__ = ["HATMasker"]
 
@@ -29,9 +32,22 @@ class HATMasker(HATMasked, nn.Module):
     def forward(self, input: Any) -> Any:
         if isinstance(input, HATPayload):
             task, scale = self._hat_begin(input)
-            self._hat_note_forward(self._hat_slot(task))
-            return self._hat_masked_payload(input, input.data, task, scale)
-        return input
+            if task is None:  # no task: nothing here trains, the input passes untouched
+                return input._derive(input.data, mask=None, unit_mask=None, unit_dim=-1, src=None)
+            return self._hat_masked_payload(input, input.data, task, scale)  # marks the probe
+        if _trace.ACTIVE is not None:
+            return _trace.ACTIVE.call(self, input, self._hat_forward_tensor)
+        return self._hat_forward_tensor(input)
+
+    def _hat_forward_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            x = self._hat_mark(x, self.hat_task)
+            return x * _along(self._hat_mask_tensor(self.hat_task, self.hat_scale), self.mask_dim, x.dim())
+        task, scale = self._hat_selected()
+        if task is None:  # no task: nothing here trains, the input passes untouched
+            return x
+        mask, marked = self._hat_mask_marked(task, scale, True)
+        return (x if marked else self._hat_mark(x, task)) * _along(mask, self.mask_dim, x.dim())
 
     def extra_repr(self) -> str:
         return f"num_features={self.num_features}"

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hat._core import TaskTracked
+from hat import _trace
+from hat._core import TaskTracked, _row, rows
 from hat.config import HATConfig
 from hat.payload import HATPayload, _along
 
@@ -37,6 +38,8 @@ class _TaskIndexedBatchNorm(TaskTracked, nn.Module):
 
     _hat_row_params = ("weight", "bias")
     _expected_dims: tuple[int, ...] = ()
+    # set by the trace of a converted model: the masked layers whose units reach this norm
+    _hat_sources: tuple[Any, ...] = ()
 
     def __init__(self, num_tasks: int, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device: Any = None, dtype: Any = None) -> None:
@@ -83,11 +86,59 @@ class _TaskIndexedBatchNorm(TaskTracked, nn.Module):
             mask = input._unit_mask if known and task is not None else None
             # a pending mask need not be applied first: folded into the affine, it acts after BN
             x = input._raw if mask is not None and input._mask is not None else input.data
-            y = self._normalize(x, slot, mask)
-            self._hat_note_forward(slot)
+            y = self._normalize(x, slot, mask)  # reports the slot to the probe
             mask = input._unit_mask if known else None
             return input._derive(y, mask=None, unit_mask=mask, unit_dim=1, src=input._src, repeat=input._repeat)
-        return self._normalize(input, self.num_tasks, None)
+        if _trace.ACTIVE is not None:
+            return _trace.ACTIVE.call(self, input, self._hat_forward_tensor)
+        return self._hat_forward_tensor(input)
+
+    def _hat_forward_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            slot = self.hat_task
+            mask = _sources_mask(self._hat_sources)
+            return self._normalize_compiled(x, slot, mask)
+        task, _ = self._hat_state
+        slot = self._hat_slot(task)
+        mask = None if task is None else _sources_mask(self._hat_sources)
+        return self._normalize(x, slot, mask)
+
+    def _normalize_compiled(self, x: torch.Tensor, slot: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """``_normalize`` for a slot held in a 0-d tensor: the running statistics of the row are
+        updated with index ops (a tensor index gives no view to update in place)."""
+        self._check_input_dim(x)
+        idx = slot.view(1)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        weight = bias = None
+        if self.affine:
+            weight, bias = rows(self, slot, self.weight, self.bias)
+            if mask is not None:
+                weight, bias = weight * mask, bias * mask
+        if self.training or not self.track_running_stats:
+            dims = [0, *range(2, x.dim())]
+            var, mean = torch.var_mean(x, dim=dims, unbiased=False)
+            if self.training and self.track_running_stats:
+                with torch.no_grad():
+                    n = x.numel() // x.shape[1]
+                    self.num_batches_tracked.index_add_(0, idx, torch.ones_like(idx))
+                    if self.momentum is None:
+                        f = 1.0 / self.num_batches_tracked.index_select(0, idx).to(mean.dtype)
+                    else:
+                        f = self.momentum
+                    old_mean = self.running_mean.index_select(0, idx)
+                    old_var = self.running_var.index_select(0, idx)
+                    self.running_mean.index_copy_(0, idx, old_mean * (1 - f) + mean.detach().view(1, -1) * f)
+                    unbiased = var.detach().view(1, -1) * (n / max(n - 1, 1))
+                    self.running_var.index_copy_(0, idx, old_var * (1 - f) + unbiased * f)
+            y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+            if weight is not None:
+                return y * weight.view(shape) + bias.view(shape)
+        else:
+            y = F.batch_norm(x, _row(self.running_mean, slot), _row(self.running_var, slot), weight, bias,
+                             False, 0.0, self.eps)
+            if weight is not None:
+                return y
+        return y if mask is None else y * mask.view(shape)
 
     def _normalize(self, x: torch.Tensor, slot: int, mask: torch.Tensor | None) -> torch.Tensor:
         self._check_input_dim(x)
@@ -101,7 +152,7 @@ class _TaskIndexedBatchNorm(TaskTracked, nn.Module):
                 factor = 1.0 / float(self.num_batches_tracked[slot]) if self.momentum is None else self.momentum
         weight = bias = None
         if self.affine:
-            weight, bias = self.weight[slot], self.bias[slot]
+            weight, bias = rows(self, slot, self.weight, self.bias)
             if mask is not None:
                 weight, bias = weight * mask, bias * mask
         y = F.batch_norm(x, running_mean, running_var, weight, bias, use_batch_stats, factor, self.eps)
@@ -137,6 +188,7 @@ class TaskIndexedLayerNorm(TaskTracked, nn.Module):
     """
 
     _hat_row_params = ("weight", "bias")
+    _hat_sources: tuple[Any, ...] = ()
 
     def __init__(self, num_tasks: int, normalized_shape: Any, eps: float = 1e-5, elementwise_affine: bool = True,
                  bias: bool = True, device: Any = None, dtype: Any = None) -> None:
@@ -163,14 +215,26 @@ class TaskIndexedLayerNorm(TaskTracked, nn.Module):
             slot = self._hat_slot(task)
             x = input.data  # masked before the norm
             mask = input._unit_mask if task is not None and input._unit_dim % x.dim() == x.dim() - 1 else None
-            y = self._normalize(x, slot, mask)
-            self._hat_note_forward(slot)
+            y = self._normalize(x, slot, mask)  # reports the slot to the probe
             return input._derive(y, mask=None, unit_mask=mask, unit_dim=-1, src=input._src, repeat=input._repeat)
-        return self._normalize(input, self.num_tasks, None)
+        if _trace.ACTIVE is not None:
+            return _trace.ACTIVE.call(self, input, self._hat_forward_tensor)
+        return self._hat_forward_tensor(input)
 
-    def _normalize(self, x: torch.Tensor, slot: int, mask: torch.Tensor | None) -> torch.Tensor:
-        weight = None if self.weight is None else self.weight[slot]
-        bias = None if self.bias is None else self.bias[slot]
+    def _hat_forward_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        # the input arrives masked by the layers that feed it; the union of their masks is
+        # applied again after the norm
+        if torch.compiler.is_compiling():
+            slot: Any = self.hat_task
+            mask = _sources_mask(self._hat_sources)
+        else:
+            task, _ = self._hat_state
+            slot = self._hat_slot(task)
+            mask = None if task is None else _sources_mask(self._hat_sources)
+        return self._normalize(x, slot, mask)
+
+    def _normalize(self, x: torch.Tensor, slot: Any, mask: torch.Tensor | None) -> torch.Tensor:
+        weight, bias = rows(self, slot, self.weight, self.bias)
         if mask is not None and weight is not None and len(self.normalized_shape) == 1:
             weight = weight * mask  # ... and after the norm, folded into the affine
             bias = None if bias is None else bias * mask
@@ -180,3 +244,12 @@ class TaskIndexedLayerNorm(TaskTracked, nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_tasks={self.num_tasks}, {self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+
+
+def _sources_mask(sources: tuple[Any, ...]) -> torch.Tensor | None:
+    """The union (elementwise max) of the current masks of ``sources``; None without sources."""
+    mask = None
+    for src in sources:
+        m = src._hat_current_mask()
+        mask = m if mask is None else torch.maximum(mask, m)
+    return mask

@@ -7,6 +7,7 @@ optimizer created once for the whole task sequence.
 from __future__ import annotations
 
 from hat import _protect, modules, utils
+from hat._convert import convert, set_task, task, unconvert
 from hat._errors import HATError, HATTypeError, HATValueError, TaskIndexError
 from hat._protect import mark_trained, trained_tasks
 from hat.config import HATConfig
@@ -15,7 +16,8 @@ from hat.payload import HATPayload
 __version__ = "0.2.0"
 
 __all__ = [
-    "HATConfig", "HATPayload", "mark_trained", "trained_tasks", "modules", "utils",
+    "HATConfig", "HATPayload", "convert", "unconvert", "set_task", "task", "mark_trained", "trained_tasks",
+    "modules", "utils",
     "HATError", "HATTypeError", "HATValueError", "TaskIndexError", "__version__",
 ]
 

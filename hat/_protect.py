@@ -206,21 +206,24 @@ def _protect_plain(optimizer: Any, plain: list[nn.Parameter], num_tasks: int, no
     model object existed (it was copied or loaded from a checkpoint): which plain parameters
     they used is unknown, so every plain parameter without a record is assumed used by them.
     """
-    newly: list[nn.Parameter] = []
     assumed: list[nn.Parameter] = []
+    blocked: list[nn.Parameter] = []
     for p in plain:
         used = _plain_used(p)
         if used is None and unseen:
             used = [t in unseen for t in range(num_tasks)]
             _set_plain_used(p, used)
             assumed.append(p)
+        has_grad = bool(now) and p.grad is not None and bool(p.grad.any())
         if used is not None and any(used[t] for t in protected):
             pending.add(optimizer, p, None)
-        if now and p.grad is not None and bool(p.grad.any()):
+            if has_grad and id(p) not in _WARNED_BLOCKED:
+                _WARNED_BLOCKED.add(id(p))
+                blocked.append(p)
+        if has_grad:
             if used is None:
                 used = [False] * num_tasks
                 _set_plain_used(p, used)
-                newly.append(p)
             for t in now:
                 used[t] = True
     if assumed:
@@ -231,13 +234,18 @@ def _protect_plain(optimizer: Any, plain: list[nn.Parameter], num_tasks: int, no
             "trainable belong in hat.modules.TaskIndexedLinear.",
             stacklevel=4,
         )
-    if newly:
+    if blocked:
+        # per-task heads never get here: only a plain parameter that a later task also trains
         warnings.warn(
-            f"hat: {len(newly)} plain (non-HAT) parameter(s) of shape {_shapes(newly)} were trained by task(s) "
-            f"{sorted(now)}; they are now protected whole while later tasks train. "
-            "Give each task its own head (hat.modules.TaskIndexedLinear) to keep them trainable.",
+            f"hat: {len(blocked)} plain (non-HAT) parameter(s) of shape {_shapes(blocked)} get gradients from task(s) "
+            f"{sorted(now)} but an earlier task trained them, so they stay frozen to keep it intact. Make them "
+            "task-aware (hat.convert them, or use hat.modules.TaskIndexedLinear for a shared head).",
             stacklevel=4,  # the user's optimizer.step() line
         )
+
+
+# plain parameters (by id) already warned about, so that a warning comes once
+_WARNED_BLOCKED: set[int] = set()
 
 
 def _shapes(params: list[nn.Parameter]) -> str:

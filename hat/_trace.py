@@ -92,8 +92,8 @@ class _Recorder(TorchFunctionMode):
 
     def call(self, module: nn.Module, x: Any, forward: Callable[[Any], Any]) -> Any:
         """Run a HAT module's tensor forward, noting what its input carried and what it gives."""
-        from hat._core import HATMasked  # noqa: PLC0415 (import cycle)
-        from hat.modules.linear import TaskIndexedLinear  # noqa: PLC0415
+        from hat._core import HATMasked
+        from hat.modules.linear import TaskIndexedLinear
 
         carried = self.get(x) if isinstance(x, torch.Tensor) else None
         ndim = x.dim() if isinstance(x, torch.Tensor) else -1
@@ -261,7 +261,7 @@ def maybe_trace(root: nn.Module, args: tuple, kwargs: dict) -> None:
 
 def _trace(root: nn.Module, args: tuple, kwargs: dict) -> None:
     global ACTIVE
-    from hat._core import HATMasked, task_modules  # noqa: PLC0415
+    from hat._core import HATMasked, task_modules
 
     modules = task_modules(root)
     if not modules or any(m.__dict__.get("_hat_link") is not None for m in modules if isinstance(m, HATMasked)):
@@ -286,9 +286,9 @@ def _trace(root: nn.Module, args: tuple, kwargs: dict) -> None:
 
 
 def _apply_record(rec: _Recorder, root: nn.Module) -> None:
-    from hat._core import HATMasked, TaskTracked  # noqa: PLC0415
-    from hat.modules.masker import HATMasker  # noqa: PLC0415
-    from hat.modules.norm import TaskIndexedLayerNorm, _TaskIndexedBatchNorm  # noqa: PLC0415
+    from hat._core import HATMasked, TaskTracked
+    from hat.modules.masker import HATMasker
+    from hat.modules.norm import TaskIndexedLayerNorm, _TaskIndexedBatchNorm
 
     unknown: list[str] = []
     for name, m in root.named_modules():

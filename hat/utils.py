@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
+import warnings
 from typing import Any, Literal
 
 import torch
@@ -13,7 +15,10 @@ from hat._checks import check_mask_scale, check_task_id, check_positive
 from hat._core import HATMasked
 from hat._errors import HATTypeError, HATValueError
 
-__all__ = ["get_hat_reg_term", "get_hat_mask_scale", "RegStrategy", "ScaleStrategy"]
+__all__ = [
+    "get_hat_reg_term", "get_hat_mask_scale", "convert_to_task_dependent_module", "convert_to_base_module",
+    "RegStrategy", "ScaleStrategy",
+]
 
 RegStrategy = Literal["uniform", "paper"]
 ScaleStrategy = Literal["linear", "cosine", "exponential", "constant"]
@@ -87,3 +92,54 @@ def get_hat_mask_scale(strat: ScaleStrategy, max_trn_mask_scale: float, progress
         r = 0.8
         return s_max ** ((p - 1 + r) / r)
     return s_max
+
+
+def convert_to_task_dependent_module(module: nn.Module, **kwargs: Any) -> nn.Module:
+    """hat-cl's converter: a copy of ``module`` with every layer of a mapped type (hat.convert's
+    default mapping) replaced by its HAT / task-indexed counterpart, ``from_base_module(layer,
+    **kwargs)`` (pass ``hat_config=...``). HAT layers stay as they are; a leaf of another type is
+    returned as is with a ``ModuleConversionWarning``. Forwards are not changed: a hat-cl style
+    model then runs on payloads. For a model that keeps taking tensors use ``hat.convert``.
+    """
+    from hat._convert import DEFAULT_MAPPING
+    from hat._core import TaskTracked
+    from hat.exceptions import ModuleConversionWarning
+
+    target = DEFAULT_MAPPING.get(type(module))
+    if target is not None:
+        return target.from_base_module(module, **kwargs)
+    if isinstance(module, TaskTracked):
+        return module
+    children = list(module.named_children())
+    if not children:
+        warnings.warn(f"{type(module).__name__} has no task-dependent counterpart; returned as is",
+                      ModuleConversionWarning, stacklevel=2)
+        return module
+    out = copy.deepcopy(module)
+    for name, child in children:
+        setattr(out, name, convert_to_task_dependent_module(child, **kwargs))
+    return out
+
+
+def convert_to_base_module(module: nn.Module, **kwargs: Any) -> nn.Module:
+    """hat-cl's inverse: a copy of ``module`` with every HAT / task-indexed layer replaced by
+    ``layer.to_base_module(**kwargs)`` (pass ``task_id=...``: the plain layer for that task,
+    hard mask folded in). Plain torch layers stay; another leaf is returned as is with a
+    ``ModuleConversionWarning``. For a whole converted model use ``hat.unconvert``."""
+    from hat._convert import DEFAULT_MAPPING
+    from hat._core import TaskTracked
+    from hat.exceptions import ModuleConversionWarning
+
+    if isinstance(module, TaskTracked):
+        return module.to_base_module(**kwargs)
+    if type(module) in DEFAULT_MAPPING:
+        return module
+    children = list(module.named_children())
+    if not children:
+        warnings.warn(f"{type(module).__name__} is not a task-dependent layer; returned as is",
+                      ModuleConversionWarning, stacklevel=2)
+        return module
+    out = copy.deepcopy(module)
+    for name, child in children:
+        setattr(out, name, convert_to_base_module(child, **kwargs))
+    return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from hat.modules.conv import HATConv1d, HATConv2d, HATConv3d
 from hat.modules.linear import HATLinear, TaskIndexedLinear
-from hat.modules.masker import HATMasker
+from hat.modules.masker import FixedMask, HATMasker
 from hat.modules.norm import (
     TaskIndexedBatchNorm1d,
     TaskIndexedBatchNorm2d,
@@ -13,6 +13,6 @@ from hat.modules.norm import (
 )
 
 __all__ = [
-    "HATLinear", "HATConv1d", "HATConv2d", "HATConv3d", "HATMasker", "TaskIndexedLinear",
+    "HATLinear", "HATConv1d", "HATConv2d", "HATConv3d", "HATMasker", "FixedMask", "TaskIndexedLinear",
     "TaskIndexedBatchNorm1d", "TaskIndexedBatchNorm2d", "TaskIndexedBatchNorm3d", "TaskIndexedLayerNorm",
 ]

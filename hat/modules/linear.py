@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from hat import _trace
+from hat._checks import check_task_id
 from hat._core import TaskTracked, _check_config, rows
+from hat._errors import HATTypeError
 from hat.config import HATConfig
 from hat.modules._masked import MaskedLayer
 from hat.payload import HATPayload
@@ -41,6 +43,13 @@ class HATLinear(MaskedLayer, nn.Linear):
 
     def _hat_in_units(self) -> int:
         return self.in_features
+
+    def _hat_base_args(self) -> dict[str, Any]:
+        return dict(in_features=self.in_features, out_features=self.out_features, bias=self.bias is not None)
+
+    @classmethod
+    def _hat_args_of(cls, base: nn.Module) -> dict[str, Any]:
+        return dict(in_features=base.in_features, out_features=base.out_features, bias=base.bias is not None)
 
 
 class TaskIndexedLinear(TaskTracked, nn.Module):
@@ -92,3 +101,43 @@ class TaskIndexedLinear(TaskTracked, nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_tasks={self.num_tasks}, in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+    @classmethod
+    def from_base_module(cls, base_module: nn.Module, hat_config: Any = None, num_tasks: Any = None,
+                         **kwargs: Any) -> TaskIndexedLinear:
+        """One head per task (and the no-task slot), each a copy of ``base_module``'s weights."""
+        n = _num_tasks_from(cls, hat_config, num_tasks)
+        if not isinstance(base_module, nn.Linear):
+            raise HATTypeError(f"{cls.__name__}.from_base_module expects an nn.Linear; got {type(base_module).__name__}")
+        w = base_module.weight
+        new = cls(n, base_module.in_features, base_module.out_features, bias=base_module.bias is not None,
+                  device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            new.weight.copy_(w.detach().expand_as(new.weight))
+            if new.bias is not None:
+                new.bias.copy_(base_module.bias.detach().expand_as(new.bias))
+        new.train(base_module.training)
+        return new
+
+    def to_base_module(self, task_id: Any = None, **kwargs: Any) -> nn.Linear:
+        """The plain nn.Linear head of ``task_id`` (None: the no-task head)."""
+        slot = self._hat_slot(check_task_id(task_id, self.num_tasks))
+        plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta",
+                          dtype=self.weight.dtype).to_empty(device=self.weight.device)
+        plain.weight = nn.Parameter(self.weight.detach()[slot].clone())
+        if self.bias is not None:
+            plain.bias = nn.Parameter(self.bias.detach()[slot].clone())
+        plain.train(self.training)
+        return plain
+
+
+def _num_tasks_from(cls: type, hat_config: Any, num_tasks: Any) -> int:
+    if hat_config is not None:
+        _check_config(hat_config)
+        if num_tasks is not None and num_tasks != hat_config.num_tasks:
+            raise HATTypeError(f"{cls.__name__}.from_base_module: num_tasks={num_tasks!r} disagrees with "
+                               f"hat_config.num_tasks={hat_config.num_tasks}")
+        return hat_config.num_tasks
+    if num_tasks is None:
+        raise HATTypeError(f"{cls.__name__}.from_base_module needs hat_config=HATConfig(...) or num_tasks=...")
+    return HATConfig(num_tasks=num_tasks).num_tasks

@@ -9,11 +9,12 @@ from torch import nn
 import torch
 
 from hat import _trace
+from hat._checks import check_task_id
 from hat._core import HATMasked, _check_config
 from hat.config import HATConfig
 from hat.payload import HATPayload, _along
 
-__all__ = ["HATMasker"]
+__all__ = ["HATMasker", "FixedMask"]
 
 
 class HATMasker(HATMasked, nn.Module):
@@ -49,5 +50,27 @@ class HATMasker(HATMasked, nn.Module):
         mask, marked = self._hat_mask_marked(task, scale, True)
         return (x if marked else self._hat_mark(x, task)) * _along(mask, self.mask_dim, x.dim())
 
+    def to_base_module(self, task_id: Any = None, **kwargs: Any) -> nn.Module:
+        """A fixed module multiplying by the hard mask of ``task_id`` (None: nn.Identity)."""
+        task = check_task_id(task_id, self.num_tasks)
+        if task is None:
+            return nn.Identity()
+        return FixedMask(self._hat_mask(task, None).detach().clone(), self.mask_dim)
+
     def extra_repr(self) -> str:
         return f"num_features={self.num_features}"
+
+
+class FixedMask(nn.Module):
+    """``y = x * mask`` along ``dim``, the mask a buffer: what HATMasker exports for one task."""
+
+    def __init__(self, mask: torch.Tensor, dim: int = -1) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask)
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * _along(self.mask, self.dim, x.dim())
+
+    def extra_repr(self) -> str:
+        return f"units={self.mask.numel()}, dim={self.dim}"

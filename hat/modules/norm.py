@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from hat import _trace
+from hat._checks import check_task_id
 from hat._core import TaskTracked, _row, rows
+from hat._errors import HATTypeError
 from hat.config import HATConfig
 from hat.payload import HATPayload, _along
 
@@ -160,6 +162,58 @@ class _TaskIndexedBatchNorm(TaskTracked, nn.Module):
             y = y * _along(mask, 1, y.dim())
         return y
 
+    @classmethod
+    def from_base_module(cls, base_module: nn.Module, hat_config: Any = None, num_tasks: Any = None,
+                         **kwargs: Any) -> _TaskIndexedBatchNorm:
+        """Every task slot (and the no-task slot) starts from ``base_module``'s affine parameters and
+        running statistics. Any BatchNorm of the right dimensionality converts (SyncBatchNorm
+        too); one with submodules (a fused activation) needs a mapping class that keeps them."""
+        from hat.modules.linear import _num_tasks_from
+
+        n = _num_tasks_from(cls, hat_config, num_tasks)
+        if not isinstance(base_module, nn.modules.batchnorm._BatchNorm):
+            raise HATTypeError(f"{cls.__name__}.from_base_module expects a BatchNorm; got {type(base_module).__name__}")
+        children = [name for name, _ in base_module.named_children()]
+        if children:
+            raise HATTypeError(f"{cls.__name__}.from_base_module: {type(base_module).__name__} has submodules "
+                               f"({', '.join(children)}) that a task-indexed BatchNorm would drop; map it to a class "
+                               "that keeps them")
+        ref = base_module.weight if base_module.weight is not None else base_module.running_mean
+        new = cls(n, base_module.num_features, eps=base_module.eps, momentum=base_module.momentum,
+                  affine=base_module.affine, track_running_stats=base_module.track_running_stats,
+                  device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype)
+        with torch.no_grad():
+            for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+                src, dst = getattr(base_module, name, None), getattr(new, name, None)
+                if src is not None and dst is not None:
+                    dst.copy_(src.detach().expand_as(dst))
+        new.train(base_module.training)
+        return new
+
+    def to_base_module(self, task_id: Any = None, **kwargs: Any) -> nn.Module:
+        """The torch BatchNorm of ``task_id`` (its row of parameters and statistics), with the hard
+        masks this norm applies folded into its affine (``task_id=None``: the no-task slot)."""
+        task = check_task_id(task_id, self.num_tasks)
+        slot = self._hat_slot(task)
+        mask = _hard_sources_mask(self._hat_sources, task)
+        ref = self.weight if self.weight is not None else self.running_mean
+        plain = self._hat_base(self.num_features, eps=self.eps, momentum=self.momentum,
+                               affine=self.affine or mask is not None, track_running_stats=self.track_running_stats,
+                               device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype)
+        with torch.no_grad():
+            if self.affine:
+                plain.weight.copy_(self.weight[slot])
+                plain.bias.copy_(self.bias[slot])
+            if mask is not None:
+                plain.weight.mul_(mask)
+                plain.bias.mul_(mask)
+            if self.track_running_stats:
+                plain.running_mean.copy_(self.running_mean[slot])
+                plain.running_var.copy_(self.running_var[slot])
+                plain.num_batches_tracked.copy_(self.num_batches_tracked[slot])
+        plain.train(self.training)
+        return plain
+
     def extra_repr(self) -> str:
         return (f"num_tasks={self.num_tasks}, num_features={self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}, track_running_stats={self.track_running_stats}")
@@ -167,16 +221,19 @@ class _TaskIndexedBatchNorm(TaskTracked, nn.Module):
 
 class TaskIndexedBatchNorm1d(_TaskIndexedBatchNorm):
     __doc__ = _TaskIndexedBatchNorm.__doc__
+    _hat_base = nn.BatchNorm1d
     _expected_dims = (2, 3)
 
 
 class TaskIndexedBatchNorm2d(_TaskIndexedBatchNorm):
     __doc__ = _TaskIndexedBatchNorm.__doc__
+    _hat_base = nn.BatchNorm2d
     _expected_dims = (4,)
 
 
 class TaskIndexedBatchNorm3d(_TaskIndexedBatchNorm):
     __doc__ = _TaskIndexedBatchNorm.__doc__
+    _hat_base = nn.BatchNorm3d
     _expected_dims = (5,)
 
 
@@ -242,6 +299,50 @@ class TaskIndexedLayerNorm(TaskTracked, nn.Module):
         y = F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
         return y if mask is None else y * mask
 
+    @classmethod
+    def from_base_module(cls, base_module: nn.Module, hat_config: Any = None, num_tasks: Any = None,
+                         **kwargs: Any) -> TaskIndexedLayerNorm:
+        """Every task slot (and the no-task slot) starts from ``base_module``'s weight and bias."""
+        from hat.modules.linear import _num_tasks_from
+
+        n = _num_tasks_from(cls, hat_config, num_tasks)
+        if not isinstance(base_module, nn.LayerNorm):
+            raise HATTypeError(f"{cls.__name__}.from_base_module expects an nn.LayerNorm; got {type(base_module).__name__}")
+        w = base_module.weight
+        new = cls(n, base_module.normalized_shape, eps=base_module.eps,
+                  elementwise_affine=base_module.elementwise_affine, bias=base_module.bias is not None,
+                  device=None if w is None else w.device, dtype=None if w is None else w.dtype)
+        with torch.no_grad():
+            if w is not None:
+                new.weight.copy_(w.detach().expand_as(new.weight))
+            if base_module.bias is not None and new.bias is not None:
+                new.bias.copy_(base_module.bias.detach().expand_as(new.bias))
+        new.train(base_module.training)
+        return new
+
+    def to_base_module(self, task_id: Any = None, **kwargs: Any) -> nn.Module:
+        """The nn.LayerNorm of ``task_id`` with the hard masks this norm applies folded in."""
+        task = check_task_id(task_id, self.num_tasks)
+        slot = self._hat_slot(task)
+        mask = _hard_sources_mask(self._hat_sources, task)
+        has_bias = self.bias is not None or mask is not None
+        ref = self.weight
+        plain = nn.LayerNorm(self.normalized_shape, eps=self.eps,
+                             elementwise_affine=self.elementwise_affine or mask is not None, bias=has_bias,
+                             device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype)
+        with torch.no_grad():
+            if self.weight is not None:
+                plain.weight.copy_(self.weight[slot])
+            if self.bias is not None:
+                plain.bias.copy_(self.bias[slot])
+            elif has_bias:
+                plain.bias.zero_()
+            if mask is not None:
+                plain.weight.mul_(mask)
+                plain.bias.mul_(mask)
+        plain.train(self.training)
+        return plain
+
     def extra_repr(self) -> str:
         return f"num_tasks={self.num_tasks}, {self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
 
@@ -252,4 +353,15 @@ def _sources_mask(sources: tuple[Any, ...]) -> torch.Tensor | None:
     for src in sources:
         m = src._hat_current_mask()
         mask = m if mask is None else torch.maximum(mask, m)
+    return mask
+
+
+def _hard_sources_mask(sources: tuple[Any, ...], task: int | None) -> torch.Tensor | None:
+    if task is None or not sources:
+        return None
+    with torch.no_grad():
+        mask = None
+        for src in sources:
+            m = src._hat_mask(task, None)
+            mask = m if mask is None else torch.maximum(mask, m)
     return mask

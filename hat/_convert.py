@@ -1,0 +1,301 @@
+"""Drop-in HAT: convert a plain model in one line, select the task as model state.
+
+    model = hat.convert(model, HATConfig(num_tasks=5))   # same forward, tensors in and out
+    hat.set_task(model, 0, mask_scale=s)                 # or: with hat.task(model, 0): ...
+
+The task and mask scale live in 0-d tensor buffers of every HAT layer, written in place, so
+torch.compile does not recompile when they change. The payload API keeps working on the same
+layers: one mask mechanism, two ways in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import re
+import warnings
+from collections import Counter
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from hat import _trace
+from hat._checks import check_mask_scale, check_task_id
+from hat._core import TaskTracked, _check_config, task_modules
+from hat._errors import HATTypeError, HATValueError
+from hat.config import HATConfig
+from hat.modules import (
+    HATConv1d, HATConv2d, HATConv3d, HATLinear, TaskIndexedBatchNorm1d, TaskIndexedBatchNorm2d,
+    TaskIndexedBatchNorm3d, TaskIndexedLayerNorm, TaskIndexedLinear,
+)
+
+__all__ = ["convert", "unconvert", "set_task", "task", "DEFAULT_MAPPING"]
+
+# exact torch layer type -> its HAT / task-indexed counterpart
+DEFAULT_MAPPING: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Linear: HATLinear,
+    nn.Conv1d: HATConv1d,
+    nn.Conv2d: HATConv2d,
+    nn.Conv3d: HATConv3d,
+    nn.BatchNorm1d: TaskIndexedBatchNorm1d,
+    nn.BatchNorm2d: TaskIndexedBatchNorm2d,
+    nn.BatchNorm3d: TaskIndexedBatchNorm3d,
+    nn.LayerNorm: TaskIndexedLayerNorm,
+}
+
+Pattern = str | Sequence[str] | None
+
+
+# -- task selection -----------------------------------------------------------------------------
+def _unwrap(model: Any, what: str) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise HATTypeError(f"{what}: model must be a torch.nn.Module; got {type(model).__name__}")
+    return model
+
+
+def _modules_for(model: nn.Module, what: str) -> list[TaskTracked]:
+    modules = task_modules(model)
+    if not modules:
+        raise HATValueError(
+            f"{what}: {type(model).__name__} has no HAT or task-indexed layer; convert it first "
+            "(hat.convert(model, HATConfig(num_tasks=...))) or build it from hat.modules"
+        )
+    return modules
+
+
+def set_task(model: nn.Module, task_id: Any, mask_scale: Any = None) -> None:
+    """Select ``task_id`` (None: no task, the plain network) and the mask scale (None: the hard
+    mask, for evaluation) for every HAT layer of ``model``.
+
+    Training needs a scale: anneal it per batch (``hat.utils.get_hat_mask_scale``) and call
+    ``set_task`` again; the values go into 0-d tensors, so a compiled model does not recompile.
+    """
+    _unwrap(model, "set_task")
+    modules = _modules_for(model, "set_task")
+    # check everything before writing anything
+    checked = {m.num_tasks: check_task_id(task_id, m.num_tasks) for m in modules}
+    scale = check_mask_scale(mask_scale)
+    for m in modules:
+        m._hat_select(checked[m.num_tasks], scale)
+    _ensure_root_hook(model)
+
+
+@contextlib.contextmanager
+def task(model: nn.Module, task_id: Any, mask_scale: Any = None) -> Iterator[nn.Module]:
+    """``with hat.task(model, t, mask_scale=s): ...`` selects a task for the block and restores
+    the previous selection afterwards, also when the block raises."""
+    _unwrap(model, "task")
+    modules = _modules_for(model, "task")
+    saved = [(m, m._hat_state) for m in modules]
+    set_task(model, task_id, mask_scale)
+    try:
+        yield model
+    finally:
+        for m, (t, s) in saved:
+            m._hat_select(t, s)
+
+
+def _root_pre_hook(root: nn.Module, args: tuple, kwargs: dict) -> None:
+    _before_call(root, args, kwargs)
+
+
+@torch.compiler.disable
+def _before_call(root: nn.Module, args: tuple, kwargs: dict) -> None:
+    # eager even inside torch.compile: reads Python state that must not become guards
+    shared = root.__dict__.get("_hat_shared_norms")
+    if shared and root.training and torch.is_grad_enabled():
+        modules = task_modules(root)
+        if modules and modules[0]._hat_state[0] is not None:
+            raise HATTypeError(
+                f"{len(shared)} normalization layer(s) are shared by every task and keep running statistics "
+                f"({', '.join(shared[:6])}{' ...' if len(shared) > 6 else ''}); training a task would change "
+                "them for every earlier task. Convert them: hat.convert(..., mapping={TheirType: "
+                "hat.modules.TaskIndexedBatchNorm2d}) (their weights and statistics are kept)"
+            )
+    _trace.maybe_trace(root, args, kwargs)
+
+
+def _ensure_root_hook(root: nn.Module) -> None:
+    # a wrapper (torch.compile, DDP) calls the model it wraps: the hook belongs there
+    while True:
+        inner = root.__dict__.get("_modules", {}).get("_orig_mod") or (
+            root.module if isinstance(root, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else None)
+        if inner is None:
+            break
+        root = inner
+    if "_hat_root_hook" not in root.__dict__:
+        handle = root.register_forward_pre_hook(_root_pre_hook, with_kwargs=True)
+        root.__dict__["_hat_root_hook"] = handle.id
+
+
+# -- conversion -------------------------------------------------------------------------------
+def _matcher(pattern: Pattern, name: str) -> Any:
+    if pattern is None:
+        return None
+    if isinstance(pattern, str):
+        try:
+            regex = re.compile(pattern)
+        except re.error as err:
+            raise HATValueError(f"{name}={pattern!r} is not a valid regular expression: {err}") from None
+        return lambda n: regex.fullmatch(n) is not None
+    if isinstance(pattern, (list, tuple, set, frozenset)) and all(isinstance(p, str) for p in pattern):
+        items = list(pattern)
+        return lambda n: any(n == p or n.endswith("." + p) for p in items)
+    raise HATTypeError(f"{name} must be a regex string or a list of module names; got {pattern!r}")
+
+
+def _check_wrapped(model: Any, what: str) -> None:
+    wrapped = getattr(torch._dynamo.eval_frame, "OptimizedModule", ())
+    if wrapped and isinstance(model, wrapped):
+        raise HATTypeError(f"{what}: the model is wrapped by torch.compile; call {what} on the model first and "
+                           "compile the result (torch.compile(hat.convert(model, cfg)))")
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        raise HATTypeError(f"{what}: the model is wrapped by {type(model).__name__}; call {what} on model.module "
+                           "(or before wrapping) and wrap the result")
+
+
+def _classifier_name(model: nn.Module, classifier: Any, modules: dict[str, nn.Module]) -> tuple[str | None, list[str]]:
+    """(the classifier to turn into a TaskIndexedLinear, modules to leave plain as per-task heads)."""
+    if classifier is None:  # the classifier found as for "auto" stays as it is
+        head, plain = _classifier_name(model, "auto", modules)
+        return None, plain + ([head] if head is not None else [])
+    if classifier != "auto":
+        if not isinstance(classifier, str):
+            raise HATTypeError(f"classifier must be 'auto', a module name or None; got {classifier!r}")
+        found = modules.get(classifier)
+        if found is None:
+            raise HATValueError(f"classifier={classifier!r} names no module of {type(model).__name__}")
+        if type(found) is not nn.Linear:
+            raise HATTypeError(f"classifier={classifier!r} is a {type(found).__name__}; only an nn.Linear can become a "
+                               "task-indexed head")
+        return classifier, []
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if isinstance(cfg, Mapping) and isinstance(cfg.get("classifier"), str):
+        name = cfg["classifier"]
+        found = modules.get(name)
+        return (name if type(found) is nn.Linear else None), []
+    linears = [n for n, m in modules.items() if type(m) is nn.Linear and n]
+    if not linears:
+        return None, []
+    last = linears[-1]
+    parent = modules.get(last.rpartition(".")[0]) if "." in last else model
+    if isinstance(parent, (nn.ModuleList, nn.ModuleDict)):
+        # the model already has one head per task: leave them plain (trained by their own task only)
+        prefix = last.rpartition(".")[0] + "."
+        return None, [n for n in linears if n.startswith(prefix) and "." not in n[len(prefix):]]
+    return last, []
+
+
+def convert(model: nn.Module, hat_config: HATConfig, *, include: Pattern = None, exclude: Pattern = None,
+            mapping: Mapping[type, type | None] | None = None, classifier: Any = "auto") -> nn.Module:
+    """Turn a plain model into a HAT model in place; its forward still takes and returns tensors.
+
+    Modules of exactly the mapped types (default: nn.Linear, nn.Conv1d/2d/3d, nn.BatchNorm1d/2d/3d,
+    nn.LayerNorm) become HAT layers / task-indexed norms keeping every weight, buffer and
+    Parameter object. ``classifier="auto"`` turns the classifier (timm's
+    ``pretrained_cfg['classifier']``, else the last nn.Linear) into a ``TaskIndexedLinear`` head,
+    one per task, each starting from its weights; per-task heads the model already has (the last
+    nn.Linear sits in a ModuleList/ModuleDict) stay plain. A module name picks the classifier;
+    None leaves the classifier "auto" would pick as it is (plain, shared by every task).
+
+    ``include``/``exclude``: a regex (full match on the module name) or a list of names or dotted
+    suffixes. ``mapping``: extra or replacement ``{torch layer type: HAT type}`` (None drops a
+    type). Everything is checked before anything is swapped. A model that already has HAT
+    layers is an error (convert once). Select the task with ``hat.set_task`` / ``hat.task``.
+    """
+    # -- check the arguments ------------------------------------------------------------------
+    _check_wrapped(model, "convert")
+    _unwrap(model, "convert")
+    _check_config(hat_config)
+    if task_modules(model):
+        raise HATValueError(f"convert: {type(model).__name__} already has HAT or task-indexed layers; convert a plain "
+                            "model once (to change tasks use hat.set_task)")
+    table: dict[type, type] = dict(DEFAULT_MAPPING)
+    if mapping is not None:
+        if not isinstance(mapping, Mapping):
+            raise HATTypeError(f"mapping must be a dict {{torch layer type: HAT type}}; got {type(mapping).__name__}")
+        for key, value in mapping.items():
+            if not (isinstance(key, type) and issubclass(key, nn.Module)):
+                raise HATTypeError(f"mapping key {key!r} is not an nn.Module subclass")
+            if value is None:
+                table.pop(key, None)
+            elif not (isinstance(value, type) and hasattr(value, "from_base_module")):
+                raise HATTypeError(f"mapping[{key.__name__}] = {value!r} has no from_base_module classmethod "
+                                   "(use a hat.modules class)")
+            else:
+                table[key] = value
+    inc, exc = _matcher(include, "include"), _matcher(exclude, "exclude")
+    modules = dict(model.named_modules())
+    if type(model) in table or type(model) is nn.Linear:
+        raise HATTypeError(f"convert: the model itself is a {type(model).__name__}; wrap it (nn.Sequential(layer)) so "
+                           "it can be converted in place")
+    head, plain_heads = _classifier_name(model, classifier, modules)
+
+    # -- collect the targets ----------------------------------------------------------------------
+    targets: list[tuple[str, nn.Module, Any]] = []
+    excluded_any = False
+    for name, m in modules.items():
+        if not name or name in plain_heads:
+            continue
+        kind = "head" if name == head else table.get(type(m))
+        if kind is None:
+            continue
+        if inc is not None and not inc(name):
+            continue
+        if exc is not None and exc(name):
+            excluded_any = True
+            continue
+        targets.append((name, m, kind))
+    if not targets:
+        types = Counter(type(m).__name__ for n, m in modules.items() if n)
+        found = ", ".join(f"{t} x{c}" for t, c in types.most_common(12)) or "none"
+        raise HATValueError(f"convert: no module matched (include={include!r}, exclude={exclude!r}); the model's module "
+                            f"types: {found}; convertible: {', '.join(t.__name__ for t in table)}")
+    if exc is not None and not excluded_any:
+        warnings.warn(f"convert: exclude={exclude!r} excluded no module that would be converted", stacklevel=2)
+    converted = {n for n, _, _ in targets}
+    shared = [n for n, m in modules.items() if n and n not in converted
+              and isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+    # -- build the replacements (nothing swapped yet) ------------------------------------------
+    built: list[tuple[str, nn.Module]] = []
+    for name, m, kind in targets:
+        if kind == "head":
+            new = TaskIndexedLinear.from_base_module(m, hat_config=hat_config)
+        else:
+            new = kind.from_base_module(m, hat_config=hat_config)
+        built.append((name, new))
+
+    # -- swap ----------------------------------------------------------------------------------
+    for name, new in built:
+        parent_name, _, attr = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, attr, new)
+    model.__dict__["_hat_shared_norms"] = shared
+    _ensure_root_hook(model)
+    return model
+
+
+def unconvert(model: nn.Module, task_id: Any) -> nn.Module:
+    """A plain copy of ``model`` for one task: every HAT layer becomes the torch layer it
+    replaced, with the task's hard mask folded into its weights (task-indexed norms and heads:
+    the task's row). Evaluation outputs equal the HAT model's for that task; ``model`` itself
+    is left as it is."""
+    _check_wrapped(model, "unconvert")
+    _unwrap(model, "unconvert")
+    modules = _modules_for(model, "unconvert")
+    checked = {m.num_tasks: check_task_id(task_id, m.num_tasks) for m in modules}
+    clone = copy.deepcopy(model)
+    hook = clone.__dict__.pop("_hat_root_hook", None)
+    if hook is not None:
+        clone._forward_pre_hooks.pop(hook, None)
+        clone._forward_pre_hooks_with_kwargs.pop(hook, None)
+    clone.__dict__.pop("_hat_shared_norms", None)
+    replace = [(n, m) for n, m in clone.named_modules() if isinstance(m, TaskTracked)]
+    plain = {n: m.to_base_module(task_id=checked[m.num_tasks]) for n, m in replace}
+    for name, new in plain.items():
+        parent_name, _, attr = name.rpartition(".")
+        if not name:
+            return new
+        setattr(clone.get_submodule(parent_name) if parent_name else clone, attr, new)
+    return clone

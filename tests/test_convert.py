@@ -294,6 +294,16 @@ def test_trace_finds_residual_unions_and_puts_masks_after_batchnorm(digit_tasks)
     assert model.norm._hat_sources == (model.fc,) and not model.fc._hat_defer
 
 
+def test_trace_repeats_channel_masks_over_a_channel_major_flatten(digit_tasks):
+    model = hat.convert(sequential_cnn(), HATConfig(num_tasks=2))
+    with torch.no_grad():
+        model(digit_tasks[0][0][:2])
+    # conv -> BN -> ReLU -> MaxPool -> Flatten -> Linear: each of the 32 channels covers 4x4 inputs
+    assert model[8]._hat_link == ((model[3],), 16)
+    assert model[3]._hat_defer and model[4]._hat_sources == (model[3],)
+    assert type(model[10]) is TaskIndexedLinear  # the head is not masked and needs no link
+
+
 def test_units_a_task_does_not_use_leave_batchnorm_and_layernorm_as_exact_zeros(digit_tasks):
     torch.manual_seed(0)
     model = hat.convert(SmallResNet(2), HATConfig(num_tasks=2))

@@ -2,6 +2,8 @@
 
     python benchmarks/overhead.py            # prints the median of paired ratios
 
+Also hat_resnet18s (hat.timm_models) against the same timm ResNet-18 with plain layers.
+
 1 thread, batch 32, 3x32x32 inputs, AdamW. HAT and plain steps are interleaved in one process
 and each pair gives one ratio, so slow drifts of the machine cancel. The HAT model trains task 1
 with task 0 already trained, so the protection (gradient conditioning and the exact update
@@ -82,6 +84,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=200, help="timed pairs per measurement")
     parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--skip-timm", action="store_true", help="only the hand-built CNN (no timm needed)")
+    parser.add_argument("--timm-repeats", type=int, default=30, help="timed pairs for hat_resnet18s (slow steps)")
+    parser.add_argument("--fused", action="store_true", help="AdamW(fused=True) for both models")
     parser.add_argument("--flush-denormal", action="store_true",
                         help="treat subnormal floats as 0 (torch.set_flush_denormal) in both models")
     args = parser.parse_args()
@@ -92,8 +97,8 @@ def main() -> None:
     plain = PlainCNN()
     hat_model = HATCNN(HATConfig(num_tasks=5))
     copy_weights(plain, hat_model)  # weight values can change CPU speed (subnormals): start equal
-    opt_plain = torch.optim.AdamW(plain.parameters(), lr=1e-3, weight_decay=0.01)
-    opt_hat = torch.optim.AdamW(hat_model.parameters(), lr=1e-3, weight_decay=0.01)
+    opt_plain = adamw(plain.parameters(), args.fused)
+    opt_hat = adamw(hat_model.parameters(), args.fused)
     x = torch.randn(32, 3, 32, 32)
     y = torch.randint(0, 10, (32,))
 
@@ -130,7 +135,7 @@ def main() -> None:
     # control: the same plain network against a copy of itself; any ratio away from 1 here is
     # the measurement's own bias and noise, not HAT's
     twin = copy.deepcopy(plain)
-    opt_twin = torch.optim.AdamW(twin.parameters(), lr=1e-3, weight_decay=0.01)
+    opt_twin = adamw(twin.parameters(), args.fused)
     opt_twin.load_state_dict(opt_plain.state_dict())
 
     def step_twin() -> None:
@@ -141,9 +146,54 @@ def main() -> None:
 
     control = paired(step_twin, step_plain, args.repeats, args.warmup)
     n = args.repeats
-    print(f"train step (AdamW, task 1 with task 0 protected): HAT / plain = {train:.3f}x  (median of {n} paired ratios)")
+    which = "fused AdamW" if args.fused else "AdamW"
+    print(f"train step ({which}, task 1 with task 0 protected): HAT / plain = {train:.3f}x  (median of {n} paired ratios)")
     print(f"inference (hard mask, eval):                    HAT / plain = {infer:.3f}x  (median of {n} paired ratios)")
     print(f"control, train step:                     plain copy / plain = {control:.3f}x  (median of {n} paired ratios)")
+    if not args.skip_timm:
+        resnet = timm_resnet(args.timm_repeats, 3, args.fused)
+        print(f"hat_resnet18s train step (set_task, {which}):     HAT / plain = {resnet:.3f}x  "
+              f"(median of {args.timm_repeats} paired ratios)")
+
+
+def adamw(params, fused: bool) -> torch.optim.AdamW:
+    # fused: one kernel per parameter, which also takes the square roots of Adam's second
+    # moments without the slow path this CPU's torch.sqrt takes on exact zeros
+    return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, fused=fused or None)
+
+
+def timm_resnet(repeats: int, warmup: int, fused: bool) -> float:
+    """hat_resnet18s against the same timm ResNet-18 with plain layers, both from one set of
+    starting weights; the HAT model selects its task with hat.set_task every step."""
+    import timm
+
+    import hat
+    import hat.timm_models  # noqa: F401  (registers hat_resnet18s)
+
+    torch.manual_seed(0)
+    model = timm.create_model("hat_resnet18s", hat_config=HATConfig(num_tasks=5), num_classes=10)
+    plain = hat.unconvert(model, None)  # the plain twin: same weights, torch.nn layers only
+    opt_hat = adamw(model.parameters(), fused)
+    opt_plain = adamw(plain.parameters(), fused)
+    x = torch.randn(32, 3, 32, 32)
+    y = torch.randint(0, 10, (32,))
+
+    def step_hat(task: int = 1) -> None:
+        hat.set_task(model, task, mask_scale=50.0)
+        loss = F.cross_entropy(model(x), y)
+        opt_hat.zero_grad()
+        loss.backward()
+        opt_hat.step()
+
+    def step_plain() -> None:
+        loss = F.cross_entropy(plain(x), y)
+        opt_plain.zero_grad()
+        loss.backward()
+        opt_plain.step()
+
+    for _ in range(5):
+        step_hat(0)  # task 0 trained: task 1's steps protect it
+    return paired(step_hat, step_plain, repeats, warmup)
 
 
 def paired(fn_hat, fn_plain, repeats: int, warmup: int) -> float:

@@ -281,8 +281,15 @@ class TaskTracked:
         _LIVE.add(self)
         self._hat_ensure_hooks()
 
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        super()._load_from_state_dict(*args, **kwargs)  # type: ignore[misc]
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> None:
+        saved = state_dict.get(prefix + "hat_trained")
+        if isinstance(saved, torch.Tensor) and saved.dim() == 1 and saved.shape[0] != self.num_tasks:
+            raise HATValueError(
+                f"the checkpoint's {prefix}hat_trained is for num_tasks={saved.shape[0]}, but {type(self).__name__} "
+                f"{prefix[:-1] or '(the model)'} has num_tasks={self.num_tasks}; build the model with the same "
+                "HATConfig(num_tasks=...) as the one that was saved"
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[misc]
         _invalidate_masks()  # the embeddings the cached masks came from may have changed
         self._hat_step.trained = None
 

@@ -262,6 +262,7 @@ def maybe_trace(root: nn.Module, args: tuple, kwargs: dict) -> None:
 def _trace(root: nn.Module, args: tuple, kwargs: dict) -> None:
     global ACTIVE
     from hat._core import HATMasked, task_modules
+    from hat.payload import HATPayload
 
     modules = task_modules(root)
     if not modules or any(m.__dict__.get("_hat_link") is not None for m in modules if isinstance(m, HATMasked)):
@@ -275,6 +276,8 @@ def _trace(root: nn.Module, args: tuple, kwargs: dict) -> None:
         with torch.no_grad(), rec:
             ACTIVE = rec
             for a in tree_flatten((args, kwargs))[0]:
+                if isinstance(a, HATPayload):  # a model taking payloads at its root (hat.timm_models)
+                    a = a._raw
                 if isinstance(a, torch.Tensor):
                     rec.put(a, _RAW)
             root(*args, **kwargs)
@@ -326,7 +329,7 @@ def _apply_record(rec: _Recorder, root: nn.Module) -> None:
         if rec.uses.get(id(y), 0) == 0 and len(readers) == 1 and isinstance(readers[0], _TaskIndexedBatchNorm) \
                 and readers[0]._hat_sources == (m,):
             m._hat_defer = True
-    if unknown:
+    if unknown and not root.__dict__.get("_hat_trace_quiet"):
         names = ", ".join(unknown[:8]) + (" ..." if len(unknown) > 8 else "")
         warnings.warn(
             f"hat: the input units of {len(unknown)} layer(s) could not be traced to the masks that feed them "

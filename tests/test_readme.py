@@ -25,3 +25,9 @@ def test_own_model_example_learns_every_task_and_exports():
     exec(compile(_block_after("## Use HAT with your own model"), "README own model", "exec"), ns)
     assert min(ns["accuracy"].values()) >= 0.97, ns["accuracy"]
     assert not any(type(m).__module__.startswith("hat") for m in ns["plain_task_0"].modules())
+
+
+def test_timm_example_runs():
+    ns: dict = {}
+    exec(compile(_block_after("## HAT networks in timm"), "README timm", "exec"), ns)
+    assert ns["logits"].shape == (8, 10)

@@ -646,7 +646,7 @@ def test_state_dict_round_trip(digit_tasks):
     train_task(fresh, _adamw(fresh), x, y, 1, epochs=2)
     assert torch.equal(eval_logits(fresh, probe, 0), logits0)
 
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match=rf"num_tasks={NUM_TASKS}, but .* has num_tasks={NUM_TASKS + 1}"):
         CNN(HATConfig(num_tasks=NUM_TASKS + 1)).load_state_dict(state)
 
 

@@ -299,7 +299,7 @@ class TaskTracked:
 
     def _hat_trained_set(self) -> frozenset[int]:
         step = self._hat_step
-        if step.trained is None:  # read once per step: reading a tensor's values is a sync
+        if step.trained is None:  # read after loads and mark_trained only: reading a tensor is a sync
             step.trained = frozenset(self.hat_trained.nonzero().flatten().tolist())
         return step.trained
 
@@ -394,10 +394,11 @@ class TaskTracked:
         step = self._hat_step
         if newly_trained:
             self.hat_trained[newly_trained] = True
+            if step.trained is not None:  # kept in step with the buffer: no read (a device sync) per step
+                step.trained = step.trained | frozenset(newly_trained)
         step.witnessed.update(t for t in step.bwd if t < self.num_tasks)
         step.bwd = set()
         step.latest = None
-        step.trained = None
 
 
 # (protect, keep): float 0/1 masks, protect = 1 on protected entries and keep = 1 - protect.

@@ -31,6 +31,9 @@ def _plain_cfg(tagged: str) -> dict[str, Any]:
     cfg = timm.models.get_pretrained_cfg(tagged).to_dict()
     if cfg.get("hf_hub_id") == "timm/":
         cfg["hf_hub_id"] = f"timm/{tagged}"
+    # the hub copies and users' local files are PyTorch state_dicts; some timm versions would
+    # otherwise read a local file as the original JAX .npz
+    cfg["custom_load"] = False
     return cfg
 
 

@@ -18,7 +18,9 @@ from typing import Any
 
 __all__ = ["main", "run", "build_parser", "format_results"]
 
-BENCHMARKS = ("split-digits",)
+BENCHMARKS = ("split-digits", "split-fashion-mnist")
+# the MLP's hidden width per benchmark (split-fashion-mnist: the 784-400-400 of the usual recipe)
+DEFAULT_HIDDEN = {"split-digits": 256, "split-fashion-mnist": 400}
 # SGD needs a larger step than Adam's; 0.05 is the paper's SGD learning rate
 DEFAULT_LR = {"adamw": 1e-3, "adam": 1e-3, "sgd": 0.05}
 
@@ -36,10 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     r.add_argument("--benchmark", choices=BENCHMARKS, default="split-digits",
-                   help="split-digits: scikit-learn's 8x8 digits, task t = digit 2t vs 2t+1")
+                   help="split-digits: scikit-learn's 8x8 digits, task t = digit 2t vs 2t+1; split-fashion-mnist: "
+                        "Fashion-MNIST 28x28, task t = class 2t vs 2t+1 (Debian: apt-get install "
+                        "dataset-fashion-mnist, or --data-dir)")
+    r.add_argument("--data-dir", default=None, help="folder with the benchmark's files (split-fashion-mnist: the four "
+                                                    "IDX files); default: where Debian's package puts them")
     r.add_argument("--model", choices=MODELS, default="mlp",
                    help="mlp: HATLinear 64-256-256; cnn: two HATConv2d+BatchNorm blocks, HATLinear 64; "
                         "both with one linear head per task")
+    r.add_argument("--hidden", type=_positive_int, default=None,
+                   help="hidden width (default: mlp 256 on split-digits, 400 on split-fashion-mnist; cnn 64)")
     r.add_argument("--method", choices=METHODS, default="hat",
                    help="hat: task t trains and is evaluated with task_id=t (its masks and its own head), "
                         "earlier tasks protected exactly; finetune: the same network with task_id=None "
@@ -56,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest mask scale; annealed linearly from 1/s_max within each epoch (paper: 400)")
     r.add_argument("--reg", type=_non_negative_float, default=0.75, help="weight c of the mask regularizer (paper: 0.75)")
     r.add_argument("--seed", type=int, default=0, help="seeds the data split, weight init and batch order")
+    r.add_argument("--compare", action="store_true",
+                   help="also run --method finetune on the same data and settings, and print both")
+    r.add_argument("--out", default=None, help="write results.json, accuracy_matrix.png and capacity.png here (the "
+                                               "folder is created)")
     return parser
 
 
@@ -68,27 +80,56 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """
     import torch
 
-    from hat.experiment import average_accuracy, backward_transfer, build_model, build_optimizer, run_sequence, split_digits
+    from hat.experiment import (
+        average_accuracy, backward_transfer, build_model, build_optimizer, capacity, forgetting, run_sequence,
+        split_digits, split_fashion_mnist,
+    )
 
     config = vars(args).copy()
     if config["lr"] is None:
         config["lr"] = DEFAULT_LR[args.optimizer]
+    if config["hidden"] is None and args.model == "mlp":
+        config["hidden"] = DEFAULT_HIDDEN[args.benchmark]
     start = time.perf_counter()
-    tasks = split_digits(args.tasks, seed=args.seed)
+    if args.benchmark == "split-fashion-mnist":
+        tasks = split_fashion_mnist(args.tasks, data_dir=args.data_dir)
+    else:
+        tasks = split_digits(args.tasks, seed=args.seed)
     classes = int(tasks[0][1].max()) + 1
     with torch.random.fork_rng(devices=[]):  # seeded weight init without touching the caller's RNG
         torch.manual_seed(args.seed)
-        model = build_model(args.model, args.tasks, classes, s_max=args.s_max, input_shape=tuple(tasks[0][0].shape[1:]))
+        model = build_model(args.model, args.tasks, classes, s_max=args.s_max, input_shape=tuple(tasks[0][0].shape[1:]),
+                            hidden=config["hidden"])
     optimizer = build_optimizer(args.optimizer, model.parameters(), config["lr"])
     matrix = run_sequence(model, optimizer, tasks, method=args.method, epochs=args.epochs, batch_size=args.batch_size,
-                          s_max=args.s_max, reg=args.reg, generator=torch.Generator().manual_seed(args.seed))
+                          s_max=args.s_max, reg=args.reg, generator=torch.Generator().manual_seed(args.seed),
+                          progress=_progress(f"{args.method}"))
     return {
         "matrix": matrix,
         "average_accuracy": average_accuracy(matrix),
         "bwt": backward_transfer(matrix),
+        "forgetting": forgetting(matrix),
+        "capacity": capacity(model) if args.method == "hat" else {},
         "seconds": time.perf_counter() - start,
         "args": config,
     }
+
+
+def _progress(label: str) -> Any:
+    """A tqdm bar per task and epoch on a terminal; nothing otherwise (logs, tests, pipes)."""
+    import sys
+
+    if not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+
+    def bar(task: int, epoch: int, total: int) -> Any:
+        return tqdm(total=total, desc=f"{label} task {task} epoch {epoch + 1}", leave=False, unit="batch")
+
+    return bar
 
 
 def format_results(results: dict[str, Any]) -> str:
@@ -107,18 +148,50 @@ def format_results(results: dict[str, Any]) -> str:
         lines.append(f"after {t:<4}" + "".join(f"{100 * acc:8.1f}" for acc in row))
     lines += [
         "",
-        f"Average accuracy: {_fixed(100 * results['average_accuracy'], 1)} %",
+        f"Average accuracy: {_fixed(100 * results['average_accuracy'], 2)} %",
         f"BWT: {_fixed(100 * results['bwt'], 3)} pp",
-        f"Time: {results['seconds']:.1f} s",
+        f"Forgetting: {_fixed(100 * results.get('forgetting', 0.0), 3)} pp",
     ]
+    if results.get("capacity"):
+        lines += ["", "Capacity used (units on for any trained task / units):"]
+        for name, (used, total) in results["capacity"].items():
+            lines.append(f"  {name:<12} {used:>5} / {total:<5} ({100 * used / total:5.1f} %)")
+    lines += ["", f"Time: {results['seconds']:.1f} s"]
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m hat`` and ``hat-cl``; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    import json
+    from pathlib import Path
+
+    from hat.experiment import DataNotFoundError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "run":
-        print(format_results(run(args)), flush=True)
+        try:
+            results = [run(args)]
+            if args.compare:
+                other = "finetune" if args.method == "hat" else "hat"
+                results.append(run(argparse.Namespace(**{**vars(args), "method": other})))
+        except DataNotFoundError as err:
+            parser.exit(2, f"hat-cl run: {err}\n")
+        print("\n\n".join(format_results(r) for r in results), flush=True)
+        if args.out is not None:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            payload = results[0] if len(results) == 1 else {"runs": results}
+            tmp = out / "results.json.tmp"
+            tmp.write_text(json.dumps(payload, indent=2) + "\n")
+            tmp.replace(out / "results.json")  # atomic: a reader never sees half a file
+            from hat import _plots
+
+            _plots.accuracy_matrix(results[0], out / "accuracy_matrix.png")
+            if results[0]["capacity"]:
+                _plots.capacity(results[0], out / "capacity.png")
+            if len(results) > 1:
+                _plots.accuracy_matrix(results[1], out / f"accuracy_matrix_{results[1]['args']['method']}.png")
     return 0
 
 

@@ -18,8 +18,12 @@ weight initialization in :func:`build_model` (seed it, or fork it, around the ca
 
 from __future__ import annotations
 
+import gzip
+import math
+import struct
 from collections.abc import Iterable, Sequence
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +36,8 @@ from hat.utils import get_hat_mask_scale, get_hat_reg_term
 
 __all__ = [
     "Task", "Method", "MODELS", "OPTIMIZERS", "METHODS",
-    "split_digits", "build_model", "build_optimizer", "train_task", "evaluate", "run_sequence",
-    "average_accuracy", "backward_transfer",
+    "split_digits", "split_fashion_mnist", "DataNotFoundError", "build_model", "build_optimizer", "train_task", "evaluate", "run_sequence",
+    "average_accuracy", "backward_transfer", "forgetting", "capacity",
 ]
 
 # (x_train, y_train, x_test, y_test); x is [N, C, H, W] float in [0, 1], y holds labels 0..classes-1
@@ -75,6 +79,71 @@ def split_digits(num_tasks: int = 5, seed: int = 0, train_fraction: float = 0.7)
         tr = torch.cat(train_idx)[torch.randperm(sum(len(i) for i in train_idx), generator=g)]
         te = torch.cat(test_idx)
         tasks.append((x[tr], y[tr] - 2 * t, x[te], y[te] - 2 * t))
+    return tasks
+
+
+# Where Debian's dataset-fashion-mnist puts the IDX files (`dpkg -L dataset-fashion-mnist`).
+FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
+_FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A benchmark's data is not where it was looked for; the message says where and how to get it."""
+
+
+def _read_idx(path: Path) -> torch.Tensor:
+    """An IDX file (gzipped or not) as a uint8 tensor of its shape."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes")
+    ndim = raw[3]
+    dims = struct.unpack(">" + "I" * ndim, raw[4:4 + 4 * ndim])
+    data = raw[4 + 4 * ndim:]
+    if len(data) != math.prod(dims):
+        raise ValueError(f"{path} is truncated: {len(data)} bytes of data for shape {dims}")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).reshape(dims)
+
+
+def _find_fashion(data_dir: str | Path | None) -> Path:
+    places = [Path(data_dir)] if data_dir is not None else [Path(d) for d in FASHION_MNIST_DIRS]
+    for place in places:
+        for candidate in (place, place / "fashion-mnist", place / "FashionMNIST" / "raw"):
+            if all((candidate / f).exists() or (candidate / (f + ".gz")).exists() for f in _FASHION_FILES):
+                return candidate
+    looked = ", ".join(str(p) for p in places)
+    raise DataNotFoundError(
+        f"Fashion-MNIST's IDX files ({', '.join(f + '[.gz]' for f in _FASHION_FILES)}) were not found in {looked}. "
+        "On Debian/Ubuntu: sudo apt-get install dataset-fashion-mnist; elsewhere pass --data-dir with the "
+        "four files (github.com/zalandoresearch/fashion-mnist)"
+    )
+
+
+def split_fashion_mnist(num_tasks: int = 5, data_dir: str | Path | None = None) -> list[Task]:
+    """Fashion-MNIST (60k/10k 28x28) as 2-class tasks in class order: task ``t`` is class ``2t``
+    (label 0) against ``2t + 1`` (label 1), with the dataset's own train/test split.
+
+    Read from ``data_dir`` or where Debian's ``dataset-fashion-mnist`` installs it.
+    ``x`` is ``[N, 1, 28, 28]`` float32 in [0, 1].
+    """
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or not 1 <= num_tasks <= 5:
+        raise ValueError(f"num_tasks must be an int in [1, 5] (10 classes, 2 per task); got {num_tasks!r}")
+    root = _find_fashion(data_dir)
+
+    def load(name: str) -> torch.Tensor:
+        path = root / name
+        return _read_idx(path if path.exists() else root / (name + ".gz"))
+
+    x_tr, y_tr, x_te, y_te = (load(f) for f in _FASHION_FILES)
+    x_tr = x_tr.unsqueeze(1).float().div_(255)
+    x_te = x_te.unsqueeze(1).float().div_(255)
+    y_tr, y_te = y_tr.long(), y_te.long()
+    tasks = []
+    for t in range(num_tasks):
+        tr = ((y_tr == 2 * t) | (y_tr == 2 * t + 1)).nonzero().flatten()
+        te = ((y_te == 2 * t) | (y_te == 2 * t + 1)).nonzero().flatten()
+        tasks.append((x_tr[tr], y_tr[tr] - 2 * t, x_te[te], y_te[te] - 2 * t))
     return tasks
 
 
@@ -129,7 +198,7 @@ class CNN(nn.Module):
 
 
 def build_model(name: str, num_tasks: int, classes_per_task: int, *, s_max: float = 400.0,
-                input_shape: Sequence[int] = (1, 8, 8)) -> nn.Module:
+                input_shape: Sequence[int] = (1, 8, 8), hidden: int | None = None) -> nn.Module:
     """A HAT network on payloads: ``"mlp"`` (:class:`MLP`) or ``"cnn"`` (:class:`CNN`).
 
     ``s_max`` is both the largest training mask scale and the one in the embedding-gradient
@@ -138,9 +207,9 @@ def build_model(name: str, num_tasks: int, classes_per_task: int, *, s_max: floa
     cfg = HATConfig(num_tasks=num_tasks, max_trn_mask_scale=s_max, grad_comp_factor=s_max)
     c, h, w = input_shape
     if name == "mlp":
-        return MLP(cfg, classes_per_task, in_features=c * h * w)
+        return MLP(cfg, classes_per_task, in_features=c * h * w, hidden=hidden or 256)
     if name == "cnn":
-        return CNN(cfg, classes_per_task, in_channels=c, image_size=(h, w))
+        return CNN(cfg, classes_per_task, in_channels=c, image_size=(h, w), hidden=hidden or 64)
     raise ValueError(f"model must be one of {MODELS}; got {name!r}")
 
 
@@ -158,7 +227,7 @@ def build_optimizer(name: str, params: Iterable[nn.Parameter], lr: float) -> tor
 # -- training and evaluation --------------------------------------------------------------------
 def train_task(model: nn.Module, optimizer: torch.optim.Optimizer, data: tuple[torch.Tensor, torch.Tensor],
                task_id: int | None, epochs: int, batch_size: int, s_max: float, reg: float,
-               generator: torch.Generator) -> None:
+               generator: torch.Generator, progress: Any = None, task_index: int = 0) -> None:
     """Train ``task_id`` on ``data = (x, y)`` with cross-entropy plus ``reg`` times HAT's mask
     regularizer, the mask scale annealed linearly from ``1/s_max`` to ``s_max`` within each epoch
     (the paper's schedule).
@@ -169,8 +238,9 @@ def train_task(model: nn.Module, optimizer: torch.optim.Optimizer, data: tuple[t
     x, y = data
     n_batches = -(-len(x) // batch_size)
     model.train()
-    for _ in range(epochs):
+    for epoch in range(epochs):
         order = torch.randperm(len(x), generator=generator)
+        bar = progress(task_index, epoch, n_batches) if progress is not None else None
         for b in range(n_batches):
             idx = order[b * batch_size:(b + 1) * batch_size]
             scale = get_hat_mask_scale("linear", s_max, b / max(n_batches - 1, 1))
@@ -181,6 +251,10 @@ def train_task(model: nn.Module, optimizer: torch.optim.Optimizer, data: tuple[t
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if bar is not None:
+                bar.update()
+        if bar is not None:
+            bar.close()
 
 
 @torch.no_grad()
@@ -203,12 +277,15 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task_id: int | 
 
 def run_sequence(model: nn.Module, optimizer: torch.optim.Optimizer, tasks: Sequence[Task], *,
                  method: Method = "hat", epochs: int = 5, batch_size: int = 32, s_max: float = 400.0,
-                 reg: float = 0.75, generator: torch.Generator | None = None) -> list[list[float]]:
+                 reg: float = 0.75, generator: torch.Generator | None = None,
+                 progress: Any = None) -> list[list[float]]:
     """Train ``tasks`` in order with one optimizer; after each, evaluate every task seen so far.
 
     ``method="hat"`` trains and evaluates task ``t`` as ``task_id=t`` (its masks and its head);
     ``"finetune"`` uses ``task_id=None`` throughout: the plain network and the shared head, the
     baseline that forgets. Batch order comes from ``generator`` (None: one seeded with 0).
+    ``progress``: None, or ``(task, epoch, batches) -> bar`` with ``update()`` and ``close()``
+    (a tqdm bar, say).
     Returns the accuracy matrix, row ``t`` holding ``t + 1`` entries.
     """
     if method not in METHODS:
@@ -217,7 +294,8 @@ def run_sequence(model: nn.Module, optimizer: torch.optim.Optimizer, tasks: Sequ
     matrix: list[list[float]] = []
     for t, (x_train, y_train, _, _) in enumerate(tasks):
         task_id = t if method == "hat" else None
-        train_task(model, optimizer, (x_train, y_train), task_id, epochs, batch_size, s_max, reg, generator)
+        train_task(model, optimizer, (x_train, y_train), task_id, epochs, batch_size, s_max, reg, generator,
+                   progress, t)
         matrix.append([evaluate(model, x_te, y_te, k if method == "hat" else None)
                        for k, (_, _, x_te, y_te) in enumerate(tasks[:t + 1])])
     return matrix
@@ -239,3 +317,24 @@ def backward_transfer(matrix: Sequence[Sequence[float]]) -> float:
     if last < 1:
         return 0.0
     return sum(matrix[last][k] - matrix[k][k] for k in range(last)) / last
+
+
+def forgetting(matrix: Sequence[Sequence[float]]) -> float:
+    """Average forgetting (Chaudhry et al., 2018): ``mean over k < T-1 of max over t < T-1 of
+    acc[t][k] - acc[T-1][k]``; 0.0 when fewer than two tasks were trained."""
+    last = len(matrix) - 1
+    if last < 1:
+        return 0.0
+    return sum(max(matrix[t][k] for t in range(k, last)) - matrix[last][k] for k in range(last)) / last
+
+
+def capacity(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Per masked layer: (units switched on for some trained task, units); HAT's capacity use."""
+    from hat._core import HATMasked
+
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, HATMasked):
+            used = m.used_units(m.hat_trained)
+            out[name or type(m).__name__] = (int(used.sum()), used.numel())
+    return out

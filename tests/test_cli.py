@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hat.cli import build_parser, format_results, main, run
-from hat.experiment import average_accuracy, backward_transfer
+from hat.experiment import average_accuracy, backward_transfer, forgetting
 
 QUICK = ["run", "--benchmark", "split-digits", "--tasks", "3", "--epochs", "2"]
 
@@ -75,6 +75,36 @@ def test_metrics():
     assert average_accuracy(matrix) == 2.0 / 3
     assert backward_transfer(matrix) == ((0.25 - 1.0) + (0.75 - 0.75)) / 2
     assert backward_transfer([[0.9]]) == 0.0
+    # forgetting: the drop from each task's best earlier accuracy
+    assert forgetting(matrix) == ((1.0 - 0.25) + (0.75 - 0.75)) / 2
+    assert forgetting([[0.5], [0.9, 0.8], [0.7, 0.8, 0.6]]) == ((0.9 - 0.7) + (0.8 - 0.8)) / 2
+    assert forgetting([[0.9]]) == 0.0
+
+
+def test_compare_and_out_write_both_runs(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "run"
+    assert main([*QUICK, "--epochs", "3", "--compare", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "method=hat" in text and "method=finetune" in text and "Capacity used" in text
+    saved = json.loads((out / "results.json").read_text())
+    hat_run, finetune_run = saved["runs"]
+    assert hat_run["args"]["method"] == "hat" and hat_run["bwt"] == 0.0 and hat_run["forgetting"] == 0.0
+    assert finetune_run["args"]["method"] == "finetune" and finetune_run["bwt"] < 0
+    used, total = hat_run["capacity"]["fc1"]
+    assert 0 < used <= total == 256
+    assert not (out / "results.json.tmp").exists()
+    for png in ("accuracy_matrix.png", "capacity.png", "accuracy_matrix_finetune.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+
+
+def test_missing_fashion_data_says_where_it_looked(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--benchmark", "split-fashion-mnist", "--data-dir", str(tmp_path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path) in err and "apt-get install dataset-fashion-mnist" in err
 
 
 def test_tiny_negative_bwt_prints_as_zero():

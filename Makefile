@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m hat run --benchmark split-digits --model mlp --epochs 5 --optimizer adamw --lr 1e-3 --seed 0
+	$(PY) -m hat run --benchmark split-digits --model mlp --epochs 5 --optimizer adamw --lr 1e-3 --seed 0 --compare --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=_positive_int, default=32, help="batch size")
     r.add_argument("--s-max", type=_positive_float, default=400.0,
                    help="largest mask scale; annealed linearly from 1/s_max within each epoch (paper: 400)")
+    r.add_argument("--mask-init", choices=("normal", "dense", "sparse"), default="normal",
+                   help="task embeddings at the start: normal N(0,1) (paper), dense (every unit on), sparse (every unit off)")
     r.add_argument("--reg", type=_non_negative_float, default=0.75, help="weight c of the mask regularizer (paper: 0.75)")
     r.add_argument("--seed", type=int, default=0, help="seeds the data split, weight init and batch order")
     r.add_argument("--compare", action="store_true",
@@ -99,7 +101,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with torch.random.fork_rng(devices=[]):  # seeded weight init without touching the caller's RNG
         torch.manual_seed(args.seed)
         model = build_model(args.model, args.tasks, classes, s_max=args.s_max, input_shape=tuple(tasks[0][0].shape[1:]),
-                            hidden=config["hidden"])
+                            hidden=config["hidden"], mask_init=args.mask_init)
     optimizer = build_optimizer(args.optimizer, model.parameters(), config["lr"])
     matrix = run_sequence(model, optimizer, tasks, method=args.method, epochs=args.epochs, batch_size=args.batch_size,
                           s_max=args.s_max, reg=args.reg, generator=torch.Generator().manual_seed(args.seed),

@@ -198,13 +198,14 @@ class CNN(nn.Module):
 
 
 def build_model(name: str, num_tasks: int, classes_per_task: int, *, s_max: float = 400.0,
-                input_shape: Sequence[int] = (1, 8, 8), hidden: int | None = None) -> nn.Module:
+                input_shape: Sequence[int] = (1, 8, 8), hidden: int | None = None,
+                mask_init: str = "normal") -> nn.Module:
     """A HAT network on payloads: ``"mlp"`` (:class:`MLP`) or ``"cnn"`` (:class:`CNN`).
 
     ``s_max`` is both the largest training mask scale and the one in the embedding-gradient
     compensation. Initializes weights from the global RNG.
     """
-    cfg = HATConfig(num_tasks=num_tasks, max_trn_mask_scale=s_max, grad_comp_factor=s_max)
+    cfg = HATConfig(num_tasks=num_tasks, max_trn_mask_scale=s_max, grad_comp_factor=s_max, init_strat=mask_init)
     c, h, w = input_shape
     if name == "mlp":
         return MLP(cfg, classes_per_task, in_features=c * h * w, hidden=hidden or 256)

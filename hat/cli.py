@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0, help="seeds the data split, weight init and batch order")
     r.add_argument("--compare", action="store_true",
                    help="also run --method finetune on the same data and settings, and print both")
+    r.add_argument("--checkpoint-every", choices=("task", "never"), default="never",
+                   help="task: after every task, save model, optimizer and progress to OUT/checkpoint (needs --out)")
+    r.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the run checkpointed in DIR (an --out folder); the settings must be the same")
+    r.add_argument("--stop-after", type=_positive_int, default=None, metavar="TASKS",
+                   help="stop once this many tasks are trained (with --checkpoint-every task, --resume continues)")
     r.add_argument("--out", default=None, help="write results.json, accuracy_matrix.png and capacity.png here (the "
                                                "folder is created)")
     return parser
@@ -80,8 +86,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ``t``), ``average_accuracy``, ``bwt`` (both as fractions), ``seconds`` and ``args`` (a dict,
     with the learning rate filled in).
     """
+    from pathlib import Path
+
     import torch
 
+    from hat import _checkpoint
     from hat.experiment import (
         average_accuracy, backward_transfer, build_model, build_optimizer, capacity, forgetting, run_sequence,
         split_digits, split_fashion_mnist,
@@ -103,18 +112,47 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         model = build_model(args.model, args.tasks, classes, s_max=args.s_max, input_shape=tuple(tasks[0][0].shape[1:]),
                             hidden=config["hidden"], mask_init=args.mask_init)
     optimizer = build_optimizer(args.optimizer, model.parameters(), config["lr"])
+    generator = torch.Generator().manual_seed(args.seed)
+    start_task, done, elapsed = 0, None, 0.0
+    if args.resume is not None:
+        folder = _checkpoint.locate(Path(args.resume))
+        meta = _checkpoint.read_meta(folder)
+        _check_same_settings(meta["args"], config)
+        _checkpoint.load(folder, meta, model, optimizer, generator)
+        start_task, done, elapsed = meta["tasks_done"], meta["matrix"], meta["seconds"]
+
+    def after_task(t: int, matrix: list[list[float]]) -> bool:
+        if args.checkpoint_every == "task":
+            _checkpoint.save(Path(args.out), model, optimizer, generator,
+                             {"args": config, "tasks_done": t + 1, "matrix": matrix,
+                              "seconds": elapsed + time.perf_counter() - start})
+        return args.stop_after is not None and t + 1 >= args.stop_after
+
     matrix = run_sequence(model, optimizer, tasks, method=args.method, epochs=args.epochs, batch_size=args.batch_size,
-                          s_max=args.s_max, reg=args.reg, generator=torch.Generator().manual_seed(args.seed),
-                          progress=_progress(f"{args.method}"))
+                          s_max=args.s_max, reg=args.reg, generator=generator, progress=_progress(f"{args.method}"),
+                          start=start_task, matrix=done, after_task=after_task)
     return {
         "matrix": matrix,
         "average_accuracy": average_accuracy(matrix),
         "bwt": backward_transfer(matrix),
         "forgetting": forgetting(matrix),
         "capacity": capacity(model) if args.method == "hat" else {},
-        "seconds": time.perf_counter() - start,
+        "seconds": elapsed + time.perf_counter() - start,
         "args": config,
     }
+
+
+# settings a resumed run may change: where files go, how often to save, what to print
+_RESUMABLE = {"command", "out", "resume", "checkpoint_every", "stop_after", "compare", "data_dir"}
+
+
+def _check_same_settings(saved: dict[str, Any], now: dict[str, Any]) -> None:
+    from hat._checkpoint import CheckpointError
+
+    differ = [f"{k}={saved.get(k)!r} (now {now.get(k)!r})" for k in sorted(set(saved) | set(now))
+              if k not in _RESUMABLE and saved.get(k) != now.get(k)]
+    if differ:
+        raise CheckpointError("--resume: the checkpoint was made with other settings: " + ", ".join(differ))
 
 
 def _progress(label: str) -> Any:
@@ -169,15 +207,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from hat.experiment import DataNotFoundError
 
+    from hat._checkpoint import CheckpointError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "run":
+        if args.checkpoint_every == "task" and args.out is None:
+            parser.error("--checkpoint-every task needs --out DIR (the checkpoint goes to DIR/checkpoint)")
+        if args.resume is not None and args.out is None:
+            args.out = args.resume  # keep writing where the run was
         try:
             results = [run(args)]
             if args.compare:
                 other = "finetune" if args.method == "hat" else "hat"
-                results.append(run(argparse.Namespace(**{**vars(args), "method": other})))
-        except DataNotFoundError as err:
+                # the comparison run starts fresh and leaves the checkpoint alone
+                results.append(run(argparse.Namespace(**{**vars(args), "method": other, "checkpoint_every": "never",
+                                                         "resume": None, "stop_after": None})))
+        except (DataNotFoundError, CheckpointError) as err:
             parser.exit(2, f"hat-cl run: {err}\n")
         print("\n\n".join(format_results(r) for r in results), flush=True)
         if args.out is not None:

@@ -279,26 +279,33 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task_id: int | 
 def run_sequence(model: nn.Module, optimizer: torch.optim.Optimizer, tasks: Sequence[Task], *,
                  method: Method = "hat", epochs: int = 5, batch_size: int = 32, s_max: float = 400.0,
                  reg: float = 0.75, generator: torch.Generator | None = None,
-                 progress: Any = None) -> list[list[float]]:
+                 progress: Any = None, start: int = 0, matrix: list[list[float]] | None = None,
+                 after_task: Any = None) -> list[list[float]]:
     """Train ``tasks`` in order with one optimizer; after each, evaluate every task seen so far.
 
     ``method="hat"`` trains and evaluates task ``t`` as ``task_id=t`` (its masks and its head);
     ``"finetune"`` uses ``task_id=None`` throughout: the plain network and the shared head, the
     baseline that forgets. Batch order comes from ``generator`` (None: one seeded with 0).
     ``progress``: None, or ``(task, epoch, batches) -> bar`` with ``update()`` and ``close()``
-    (a tqdm bar, say).
+    (a tqdm bar, say). ``start``/``matrix``: continue a sequence whose first ``start`` tasks are
+    done (a resumed run); ``after_task(t, matrix)`` is called after each task is evaluated and
+    may return True to stop there.
     Returns the accuracy matrix, row ``t`` holding ``t + 1`` entries.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}")
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    matrix: list[list[float]] = []
+    matrix = [list(row) for row in matrix] if matrix is not None else []
     for t, (x_train, y_train, _, _) in enumerate(tasks):
+        if t < start:
+            continue
         task_id = t if method == "hat" else None
         train_task(model, optimizer, (x_train, y_train), task_id, epochs, batch_size, s_max, reg, generator,
                    progress, t)
         matrix.append([evaluate(model, x_te, y_te, k if method == "hat" else None)
                        for k, (_, _, x_te, y_te) in enumerate(tasks[:t + 1])])
+        if after_task is not None and after_task(t, matrix):
+            break
     return matrix
 
 

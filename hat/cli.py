@@ -43,9 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "dataset-fashion-mnist, or --data-dir)")
     r.add_argument("--data-dir", default=None, help="folder with the benchmark's files (split-fashion-mnist: the four "
                                                     "IDX files); default: where Debian's package puts them")
-    r.add_argument("--model", choices=MODELS, default="mlp",
+    r.add_argument("--model", type=_model_name, default="mlp", metavar="{" + ",".join(MODELS) + ",hat_*}",
                    help="mlp: HATLinear 64-256-256; cnn: two HATConv2d+BatchNorm blocks, HATLinear 64; "
-                        "both with one linear head per task")
+                        "both with one linear head per task; or a hat_* timm model (hat.timm_models), e.g. "
+                        "hat_resnet18s")
     r.add_argument("--hidden", type=_positive_int, default=None,
                    help="hidden width (default: mlp 256 on split-digits, 400 on split-fashion-mnist; cnn 64)")
     r.add_argument("--method", choices=METHODS, default="hat",
@@ -252,6 +253,15 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def _fixed(value: float, digits: int) -> str:
     # round first, then add 0.0: turns -0.0 (from a tiny negative or an exact -0.0) into 0.0
     return f"{round(value, digits) + 0.0:.{digits}f}"
+
+
+def _model_name(text: str) -> str:
+    from hat.experiment import MODELS, timm_model_names
+
+    if text in MODELS or (text.startswith("hat_") and text in timm_model_names()):
+        return text
+    valid = [*MODELS, *timm_model_names()]
+    raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(repr(v) for v in valid)})")
 
 
 def _positive_int(text: str) -> int:

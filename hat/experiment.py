@@ -37,7 +37,7 @@ from hat.utils import get_hat_mask_scale, get_hat_reg_term
 __all__ = [
     "Task", "Method", "MODELS", "OPTIMIZERS", "METHODS",
     "split_digits", "split_fashion_mnist", "DataNotFoundError", "build_model", "build_optimizer", "train_task", "evaluate", "run_sequence",
-    "average_accuracy", "backward_transfer", "forgetting", "capacity",
+    "average_accuracy", "backward_transfer", "forgetting", "capacity", "timm_model_names",
 ]
 
 # (x_train, y_train, x_test, y_test); x is [N, C, H, W] float in [0, 1], y holds labels 0..classes-1
@@ -211,7 +211,33 @@ def build_model(name: str, num_tasks: int, classes_per_task: int, *, s_max: floa
         return MLP(cfg, classes_per_task, in_features=c * h * w, hidden=hidden or 256)
     if name == "cnn":
         return CNN(cfg, classes_per_task, in_channels=c, image_size=(h, w), hidden=hidden or 64)
-    raise ValueError(f"model must be one of {MODELS}; got {name!r}")
+    if name.startswith("hat_"):
+        return _timm_model(name, cfg, classes_per_task, (c, h, w))
+    raise ValueError(f"model must be one of {MODELS} or a hat_* timm model; got {name!r}")
+
+
+def timm_model_names() -> list[str]:
+    """The ``hat_*`` models registered in timm, or [] without timm."""
+    try:
+        import timm
+
+        import hat.timm_models  # noqa: F401  (registers them)
+    except ImportError:
+        return []
+    return timm.list_models("hat_*")
+
+
+def _timm_model(name: str, cfg: HATConfig, classes: int, shape: tuple[int, int, int]) -> nn.Module:
+    names = timm_model_names()
+    if name not in names:
+        raise ValueError(f"model {name!r} is not a registered hat_* timm model ({', '.join(names) or 'timm not installed'})")
+    import timm
+
+    c, h, w = shape
+    kwargs: dict[str, Any] = dict(hat_config=cfg, num_classes=classes, in_chans=c)
+    if "vit" in name:  # a patch grid of about 4x4 on the benchmark's images
+        kwargs.update(img_size=(h, w), patch_size=max(1, min(h, w) // 4))
+    return timm.create_model(name, **kwargs)
 
 
 def build_optimizer(name: str, params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:

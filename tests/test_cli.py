@@ -54,7 +54,7 @@ def test_finetune_forgets():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["run", "--model", "resnet"], "invalid choice: 'resnet' (choose from 'mlp', 'cnn')"),
+    (["run", "--model", "resnet"], "invalid choice: 'resnet' (choose from 'mlp', 'cnn', 'hat_resnet18'"),
     (["run", "--benchmark", "cifar"], "invalid choice: 'cifar'"),
     (["run", "--optimizer", "lbfgs"], "invalid choice: 'lbfgs'"),
     (["run", "--method", "ewc"], "invalid choice: 'ewc'"),
@@ -117,3 +117,10 @@ def test_tiny_negative_bwt_prints_as_zero():
 def test_import_hat_stays_light():
     code = "import sys, hat, hat.cli, hat.experiment; assert 'sklearn' not in sys.modules, 'sklearn imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_timm_model_runs_and_keeps_earlier_tasks_exactly():
+    pytest.importorskip("timm")
+    results = _run("--model", "hat_resnet18s", "--tasks", "2", "--epochs", "1", "--batch-size", "64")
+    assert results["bwt"] == 0.0 and results["matrix"][1][0] == results["matrix"][0][0]
+    assert "layer1.0.conv1" in results["capacity"]

@@ -18,9 +18,10 @@ from typing import Any
 
 __all__ = ["main", "run", "build_parser", "format_results"]
 
-BENCHMARKS = ("split-digits", "split-fashion-mnist")
+BENCHMARKS = ("split-digits", "split-fashion-mnist", "split-cifar10", "split-cifar100")
+MAX_TASKS = {"split-digits": 5, "split-fashion-mnist": 5, "split-cifar10": 5, "split-cifar100": 10}
 # the MLP's hidden width per benchmark (split-fashion-mnist: the 784-400-400 of the usual recipe)
-DEFAULT_HIDDEN = {"split-digits": 256, "split-fashion-mnist": 400}
+DEFAULT_HIDDEN = {"split-digits": 256, "split-fashion-mnist": 400, "split-cifar10": 400, "split-cifar100": 400}
 # SGD needs a larger step than Adam's; 0.05 is the paper's SGD learning rate
 DEFAULT_LR = {"adamw": 1e-3, "adam": 1e-3, "sgd": 0.05}
 
@@ -40,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--benchmark", choices=BENCHMARKS, default="split-digits",
                    help="split-digits: scikit-learn's 8x8 digits, task t = digit 2t vs 2t+1; split-fashion-mnist: "
                         "Fashion-MNIST 28x28, task t = class 2t vs 2t+1 (Debian: apt-get install "
-                        "dataset-fashion-mnist, or --data-dir)")
+                        "dataset-fashion-mnist, or --data-dir); split-cifar10 (5 tasks of 2 classes) and "
+                        "split-cifar100 (10 tasks of 10 classes): a local copy of the python batches via --data-dir")
     r.add_argument("--data-dir", default=None, help="folder with the benchmark's files (split-fashion-mnist: the four "
                                                     "IDX files); default: where Debian's package puts them")
     r.add_argument("--model", type=_model_name, default="mlp", metavar="{" + ",".join(MODELS) + ",hat_*}",
@@ -54,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "earlier tasks protected exactly; finetune: the same network with task_id=None "
                         "throughout: no masks, no protection, and the one shared head (labels 0/1 of every "
                         "task on the same two outputs), the baseline that forgets")
-    r.add_argument("--tasks", type=int, choices=range(1, 6), default=5, metavar="{1..5}", help="number of tasks")
+    r.add_argument("--tasks", type=_positive_int, default=None,
+                   help="number of tasks (default: all: 5; split-cifar100: 10)")
     r.add_argument("--epochs", type=_positive_int, default=5, help="epochs per task")
     r.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
                    help="one optimizer for the whole sequence; adamw: weight decay 0.01; sgd: momentum 0.9")
@@ -94,23 +97,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from hat import _checkpoint
     from hat.experiment import (
         average_accuracy, backward_transfer, build_model, build_optimizer, capacity, forgetting, run_sequence,
-        split_digits, split_fashion_mnist,
+        split_cifar, split_digits, split_fashion_mnist,
     )
 
     config = vars(args).copy()
     if config["lr"] is None:
         config["lr"] = DEFAULT_LR[args.optimizer]
+    if config["tasks"] is None:
+        config["tasks"] = MAX_TASKS[args.benchmark]
     if config["hidden"] is None and args.model == "mlp":
         config["hidden"] = DEFAULT_HIDDEN[args.benchmark]
     start = time.perf_counter()
     if args.benchmark == "split-fashion-mnist":
-        tasks = split_fashion_mnist(args.tasks, data_dir=args.data_dir)
+        tasks = split_fashion_mnist(config["tasks"], data_dir=args.data_dir)
+    elif args.benchmark.startswith("split-cifar"):
+        tasks = split_cifar(args.benchmark.removeprefix("split-"), config["tasks"], data_dir=args.data_dir)
     else:
-        tasks = split_digits(args.tasks, seed=args.seed)
+        tasks = split_digits(config["tasks"], seed=args.seed)
     classes = int(tasks[0][1].max()) + 1
     with torch.random.fork_rng(devices=[]):  # seeded weight init without touching the caller's RNG
         torch.manual_seed(args.seed)
-        model = build_model(args.model, args.tasks, classes, s_max=args.s_max, input_shape=tuple(tasks[0][0].shape[1:]),
+        model = build_model(args.model, config["tasks"], classes, s_max=args.s_max, input_shape=tuple(tasks[0][0].shape[1:]),
                             hidden=config["hidden"], mask_init=args.mask_init)
     optimizer = build_optimizer(args.optimizer, model.parameters(), config["lr"])
     generator = torch.Generator().manual_seed(args.seed)
@@ -213,6 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "run":
+        if args.tasks is not None and args.tasks > MAX_TASKS[args.benchmark]:
+            parser.error(f"argument --tasks: {args.benchmark} has {MAX_TASKS[args.benchmark]} tasks; got {args.tasks}")
         if args.checkpoint_every == "task" and args.out is None:
             parser.error("--checkpoint-every task needs --out DIR (the checkpoint goes to DIR/checkpoint)")
         if args.resume is not None and args.out is None:

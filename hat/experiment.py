@@ -36,7 +36,7 @@ from hat.utils import get_hat_mask_scale, get_hat_reg_term
 
 __all__ = [
     "Task", "Method", "MODELS", "OPTIMIZERS", "METHODS",
-    "split_digits", "split_fashion_mnist", "DataNotFoundError", "build_model", "build_optimizer", "train_task", "evaluate", "run_sequence",
+    "split_digits", "split_fashion_mnist", "split_cifar", "DataNotFoundError", "build_model", "build_optimizer", "train_task", "evaluate", "run_sequence",
     "average_accuracy", "backward_transfer", "forgetting", "capacity", "timm_model_names",
 ]
 
@@ -144,6 +144,60 @@ def split_fashion_mnist(num_tasks: int = 5, data_dir: str | Path | None = None) 
         tr = ((y_tr == 2 * t) | (y_tr == 2 * t + 1)).nonzero().flatten()
         te = ((y_te == 2 * t) | (y_te == 2 * t + 1)).nonzero().flatten()
         tasks.append((x_tr[tr], y_tr[tr] - 2 * t, x_te[te], y_te[te] - 2 * t))
+    return tasks
+
+
+_CIFAR = {
+    # name: (folder as torchvision extracts it, train files, test files, label key, classes)
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels", 10),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels", 100),
+}
+
+
+def split_cifar(which: str, num_tasks: int | None = None, data_dir: str | Path | None = None) -> list[Task]:
+    """Split CIFAR-10 (5 tasks of 2 classes) or CIFAR-100 (10 tasks of 10 classes) in class order,
+    from a local copy of the python-pickle batches as torchvision downloads them
+    (``cifar-10-batches-py/`` or ``cifar-100-python/``, in ``data_dir`` or inside it).
+
+    ``x`` is ``[N, 3, 32, 32]`` float32 in [0, 1]; labels within a task are 0..k-1.
+    """
+    import pickle
+
+    import numpy as np
+
+    folder_name, train_files, test_files, label_key, classes = _CIFAR[which]
+    per_task = 2 if which == "cifar10" else 10
+    most = classes // per_task
+    num_tasks = most if num_tasks is None else num_tasks
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or not 1 <= num_tasks <= most:
+        raise ValueError(f"num_tasks must be an int in [1, {most}] for split-{which}; got {num_tasks!r}")
+    places = [] if data_dir is None else [Path(data_dir), Path(data_dir) / folder_name]
+    root = next((p for p in places if all((p / f).is_file() for f in train_files + test_files)), None)
+    if root is None:
+        looked = ", ".join(str(p) for p in places) or "nowhere (no --data-dir given)"
+        raise DataNotFoundError(
+            f"split-{which} needs a local copy of {folder_name}/ ({', '.join(train_files + test_files)}); looked in "
+            f"{looked}. Pass --data-dir with the folder torchvision's CIFAR{classes} download extracts "
+            "(it cannot be downloaded here)"
+        )
+
+    def load(files: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = [], []
+        for name in files:
+            with open(root / name, "rb") as f:
+                batch = pickle.load(f, encoding="bytes")  # a local copy the user made: trusted as their file
+            xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(batch[label_key], dtype=np.int64))
+        return torch.from_numpy(np.concatenate(xs)).float().div_(255), torch.from_numpy(np.concatenate(ys))
+
+    x_tr, y_tr = load(train_files)
+    x_te, y_te = load(test_files)
+    tasks = []
+    for t in range(num_tasks):
+        lo, hi = t * per_task, (t + 1) * per_task
+        tr = ((y_tr >= lo) & (y_tr < hi)).nonzero().flatten()
+        te = ((y_te >= lo) & (y_te < hi)).nonzero().flatten()
+        tasks.append((x_tr[tr], y_tr[tr] - lo, x_te[te], y_te[te] - lo))
     return tasks
 
 

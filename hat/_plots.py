@@ -6,26 +6,23 @@ from pathlib import Path
 from typing import Any
 
 
-def _pyplot() -> Any:
-    import matplotlib
+def _figure(size: tuple[float, float]) -> Any:
+    # a bare Figure, not pyplot: nothing global changes (backend, open figures) for in-process callers
+    from matplotlib.figure import Figure
 
-    if matplotlib.get_backend().lower() not in ("agg", "pdf", "svg", "ps", "cairo"):
-        matplotlib.use("Agg")  # files only: never open a window
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(figsize=size)
 
 
 def accuracy_matrix(results: dict[str, Any], path: Path) -> None:
     """Row = after training task t, column = task k; accuracy in % written in each cell."""
-    plt = _pyplot()
     matrix = results["matrix"]
     n = len(matrix)
     grid = [[float("nan")] * n for _ in range(n)]
     for t, row in enumerate(matrix):
         for k, acc in enumerate(row):
             grid[t][k] = 100 * acc
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * n, 1.0 + 0.8 * n))
+    fig = _figure((1.2 + 0.9 * n, 1.0 + 0.8 * n))
+    ax = fig.subplots()
     image = ax.imshow(grid, vmin=50, vmax=100, cmap="viridis")
     for t in range(n):
         for k in range(t + 1):
@@ -39,15 +36,14 @@ def accuracy_matrix(results: dict[str, Any], path: Path) -> None:
     fig.colorbar(image, ax=ax, label="accuracy (%)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def capacity(results: dict[str, Any], path: Path) -> None:
     """Per masked layer: the share of units some trained task uses."""
-    plt = _pyplot()
     names = list(results["capacity"])
     shares = [100 * used / total for used, total in results["capacity"].values()]
-    fig, ax = plt.subplots(figsize=(1.5 + 0.8 * len(names), 3.2))
+    fig = _figure((1.5 + 0.8 * len(names), 3.2))
+    ax = fig.subplots()
     ax.bar(names, shares, color="tab:blue")
     for i, share in enumerate(shares):
         ax.text(i, share + 1, f"{share:.0f}%", ha="center", fontsize=8)
@@ -56,4 +52,3 @@ def capacity(results: dict[str, Any], path: Path) -> None:
     ax.set_title("capacity used per layer", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)

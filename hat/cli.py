@@ -18,10 +18,12 @@ from typing import Any
 
 __all__ = ["main", "run", "build_parser", "format_results"]
 
-BENCHMARKS = ("split-digits", "split-fashion-mnist", "split-cifar10", "split-cifar100")
-MAX_TASKS = {"split-digits": 5, "split-fashion-mnist": 5, "split-cifar10": 5, "split-cifar100": 10}
+BENCHMARKS = ("split-digits", "split-fashion-mnist", "permuted-fashion-mnist", "split-cifar10", "split-cifar100")
+MAX_TASKS = {"split-digits": 5, "split-fashion-mnist": 5, "permuted-fashion-mnist": 10, "split-cifar10": 5,
+             "split-cifar100": 10}
 # the MLP's hidden width per benchmark (split-fashion-mnist: the 784-400-400 of the usual recipe)
-DEFAULT_HIDDEN = {"split-digits": 256, "split-fashion-mnist": 400, "split-cifar10": 400, "split-cifar100": 400}
+DEFAULT_HIDDEN = {"split-digits": 256, "split-fashion-mnist": 400, "permuted-fashion-mnist": 400, "split-cifar10": 400,
+                  "split-cifar100": 400}
 # SGD needs a larger step than Adam's; 0.05 is the paper's SGD learning rate
 DEFAULT_LR = {"adamw": 1e-3, "adam": 1e-3, "sgd": 0.05}
 
@@ -41,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--benchmark", choices=BENCHMARKS, default="split-digits",
                    help="split-digits: scikit-learn's 8x8 digits, task t = digit 2t vs 2t+1; split-fashion-mnist: "
                         "Fashion-MNIST 28x28, task t = class 2t vs 2t+1 (Debian: apt-get install "
-                        "dataset-fashion-mnist, or --data-dir); split-cifar10 (5 tasks of 2 classes) and "
+                        "dataset-fashion-mnist, or --data-dir); permuted-fashion-mnist: 10 tasks, each all 10 classes "
+                        "under its own pixel permutation; split-cifar10 (5 tasks of 2 classes) and "
                         "split-cifar100 (10 tasks of 10 classes): a local copy of the python batches via --data-dir")
     r.add_argument("--data-dir", default=None, help="folder with the benchmark's files (split-fashion-mnist: the four "
                                                     "IDX files); default: where Debian's package puts them")
@@ -97,7 +100,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from hat import _checkpoint
     from hat.experiment import (
         average_accuracy, backward_transfer, build_model, build_optimizer, capacity, forgetting, run_sequence,
-        split_cifar, split_digits, split_fashion_mnist,
+        permuted_fashion_mnist, split_cifar, split_digits, split_fashion_mnist,
     )
 
     config = vars(args).copy()
@@ -110,6 +113,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     if args.benchmark == "split-fashion-mnist":
         tasks = split_fashion_mnist(config["tasks"], data_dir=args.data_dir)
+    elif args.benchmark == "permuted-fashion-mnist":
+        tasks = permuted_fashion_mnist(config["tasks"], data_dir=args.data_dir, seed=args.seed)
     elif args.benchmark.startswith("split-cifar"):
         tasks = split_cifar(args.benchmark.removeprefix("split-"), config["tasks"], data_dir=args.data_dir)
     else:

@@ -36,7 +36,7 @@ from hat.utils import get_hat_mask_scale, get_hat_reg_term
 
 __all__ = [
     "Task", "Method", "MODELS", "OPTIMIZERS", "METHODS",
-    "split_digits", "split_fashion_mnist", "split_cifar", "DataNotFoundError", "build_model", "build_optimizer", "train_task", "evaluate", "run_sequence",
+    "split_digits", "split_fashion_mnist", "permuted_fashion_mnist", "split_cifar", "DataNotFoundError", "build_model", "build_optimizer", "train_task", "evaluate", "run_sequence",
     "average_accuracy", "backward_transfer", "forgetting", "capacity", "timm_model_names",
 ]
 
@@ -144,6 +144,29 @@ def split_fashion_mnist(num_tasks: int = 5, data_dir: str | Path | None = None) 
         tr = ((y_tr == 2 * t) | (y_tr == 2 * t + 1)).nonzero().flatten()
         te = ((y_te == 2 * t) | (y_te == 2 * t + 1)).nonzero().flatten()
         tasks.append((x_tr[tr], y_tr[tr] - 2 * t, x_te[te], y_te[te] - 2 * t))
+    return tasks
+
+
+def permuted_fashion_mnist(num_tasks: int = 10, data_dir: str | Path | None = None, seed: int = 0) -> list[Task]:
+    """Permuted Fashion-MNIST: every task is the whole 10-class problem with its own fixed
+    permutation of the 784 pixels (task 0 unpermuted), so tasks share no input structure and
+    compete for capacity. Permutations come from ``seed``."""
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or not 1 <= num_tasks <= 10:
+        raise ValueError(f"num_tasks must be an int in [1, 10]; got {num_tasks!r}")
+    root = _find_fashion(data_dir)
+
+    def load(name: str) -> torch.Tensor:
+        path = root / name
+        return _read_idx(path if path.exists() else root / (name + ".gz"))
+
+    x_tr, y_tr, x_te, y_te = (load(f) for f in _FASHION_FILES)
+    x_tr = x_tr.reshape(len(x_tr), -1).float().div_(255)
+    x_te = x_te.reshape(len(x_te), -1).float().div_(255)
+    g = torch.Generator().manual_seed(seed)
+    tasks = []
+    for t in range(num_tasks):
+        perm = torch.arange(784) if t == 0 else torch.randperm(784, generator=g)
+        tasks.append((x_tr[:, perm].view(-1, 1, 28, 28), y_tr.long(), x_te[:, perm].view(-1, 1, 28, 28), y_te.long()))
     return tasks
 
 

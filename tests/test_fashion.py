@@ -59,3 +59,16 @@ def test_idx_reader_rejects_truncated_and_foreign_files(tmp_path):
         _read_idx(other)
     with pytest.raises(DataNotFoundError, match=str(tmp_path)):
         _find_fashion(tmp_path)
+
+
+def test_permuted_fashion_mnist_permutes_pixels_per_task(fashion_tasks):
+    from hat.experiment import permuted_fashion_mnist
+
+    tasks = permuted_fashion_mnist(3)
+    (x0, y0, _, _), (x1, y1, _, _) = tasks[0], tasks[1]
+    assert x0.shape == (60000, 1, 28, 28) and torch.equal(y0, y1) and set(y0.tolist()) == set(range(10))
+    # task 0 is the original, task 1 the same pixels in another order
+    assert torch.equal(x0.flatten(1).sort(1).values,
+                       x1.flatten(1).sort(1).values)
+    assert not torch.equal(x0, x1)
+    assert not torch.equal(tasks[1][0], tasks[2][0])

@@ -29,7 +29,7 @@ from hat._checks import check_task_id
 from hat._core import HATMasked, TaskTracked, live_modules, task_modules
 from hat._errors import HATValueError
 
-__all__ = ["mark_trained", "trained_tasks", "install"]
+__all__ = ["mark_trained", "trained_tasks", "condition_gradients", "install"]
 
 # id(plain parameter) -> (weakref to it, per task: did it train it). Keyed by id:
 # tensors compare elementwise, so they cannot be dictionary keys themselves.
@@ -278,6 +278,36 @@ def mark_trained(model: nn.Module, task_id: Any) -> None:
     for m, t in zip(modules, checked):
         m.hat_trained[t] = True
         m._hat_step.trained = None
+
+
+def condition_gradients(model: nn.Module) -> None:
+    """Apply HAT's gradient conditioning to ``model``'s gradients now (after ``backward()``).
+
+    ``optimizer.step()`` of any torch.optim optimizer does this itself, and restores protected
+    entries exactly. Call it in loops that update parameters by hand (with ``mark_trained``
+    after each task), or before gradient clipping to clip the conditioned gradients, as the paper
+    does. Calling it twice changes nothing (the masks are 0/1).
+    """
+    modules = task_modules(model)
+    if not modules:
+        raise HATValueError(f"condition_gradients: {type(model).__name__} has no HAT or task-indexed module")
+    _read_latest(modules)
+    training: dict[int, set[int]] = {}
+    trained: dict[int, set[int]] = {}
+    for m in modules:
+        training.setdefault(m.num_tasks, set()).update(m._hat_step.bwd)
+        trained.setdefault(m.num_tasks, set()).update(m._hat_trained_set())
+    grads, keeps = [], []
+    for m in modules:
+        n = m.num_tasks
+        if training[n] == {n}:
+            continue  # task_id=None: plain training, nothing protected
+        for p, split, condition in m._hat_step_masks(training[n], frozenset(trained[n] - training[n])):
+            if condition and p.grad is not None:
+                grads.append(p.grad)
+                keeps.append(split[1])
+    if grads:
+        torch._foreach_mul_(grads, keeps)
 
 
 def trained_tasks(model: nn.Module) -> list[int]:

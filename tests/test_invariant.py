@@ -82,3 +82,37 @@ def test_a_backward_without_step_at_the_end_of_a_task_does_not_unprotect_it(digi
     recorded = eval_logits(model, x_probe, 0)
     train_task(model, optimizer, digit_tasks[1][0], digit_tasks[1][1], 1, epochs=1)
     assert torch.equal(eval_logits(model, x_probe, 0), recorded)
+
+
+def test_hand_written_sgd_loop_with_condition_gradients_keeps_earlier_tasks(digit_tasks):
+    """No torch.optim: the loop conditions gradients itself and marks the task trained."""
+    import torch.nn.functional as F
+
+    import hat
+    from hat.utils import get_hat_mask_scale
+
+    torch.manual_seed(0)
+    model = CNN(HATConfig(num_tasks=NUM_TASKS))
+    x_probe = digit_tasks[0][2]
+
+    def train(t, steps=30):
+        x, y = digit_tasks[t][0], digit_tasks[t][1]
+        model.train()
+        for s in range(steps):
+            idx = torch.arange(s * 16, s * 16 + 16) % len(x)
+            scale = get_hat_mask_scale("linear", 100.0, s / (steps - 1))
+            loss = F.cross_entropy(model(HATPayload(x[idx], task_id=t, mask_scale=scale)).data, y[idx])
+            model.zero_grad()
+            loss.backward()
+            hat.condition_gradients(model)
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p -= 0.05 * p.grad
+        hat.mark_trained(model, t)
+
+    train(0)
+    before = eval_logits(model, x_probe, 0)
+    train(1)
+    assert torch.equal(eval_logits(model, x_probe, 0), before)
+    assert not torch.equal(eval_logits(model, x_probe, 1), before)

@@ -150,19 +150,23 @@ class _Recorder(TorchFunctionMode):
         if all(u.raw for _, u in carried):
             return _RAW  # nothing masked flows here: every unit counts as used
         first = args[0] if args else None
+        if name in _ADD or name in _SCALE:
+            # elementwise with broadcasting: each carried tensor must line up with the output
+            # along its unit dimension (a broadcast that adds leading dimensions moves it)
+            for a, u in carried:
+                if not u.raw and (a.dim() != out.dim() or a.shape[u.dim] != out.shape[u.dim]):
+                    return _UNKNOWN
         if name in _ADD:
             if len(carried) != len(flat_in) or any(not isinstance(a, torch.Tensor) for a in args[:2]):
                 return _UNKNOWN  # a constant or a plain tensor added: switched-off units move
             return _union([u for _, u in carried], out)
         if name in _SCALE:
-            if not isinstance(first, torch.Tensor) or self.get(first) is None:
-                if name not in ("mul", "mul_", "__mul__", "__rmul__", "__imul__"):
-                    return _UNKNOWN  # c / x does not keep 0
-            if name in ("div", "div_", "__truediv__", "__itruediv__", "true_divide") and len(args) > 1 \
-                    and isinstance(args[1], torch.Tensor) and self.get(args[1]) is not None:
+            divides = name not in ("mul", "mul_", "__mul__", "__rmul__", "__imul__")
+            if divides and (not isinstance(first, torch.Tensor) or self.get(first) is None):
+                return _UNKNOWN  # c / x does not keep 0
+            if divides and len(args) > 1 and isinstance(args[1], torch.Tensor) and self.get(args[1]) is not None:
                 return _UNKNOWN  # dividing by masked units
-            known = [u for _, u in carried if not u.raw]
-            return _same_shape(_union(known, out), out)
+            return _union([u for _, u in carried if not u.raw], out)
         if not isinstance(first, torch.Tensor):
             return _UNKNOWN
         units = self.get(first)
@@ -200,12 +204,6 @@ def _union(units: list[_Units], out: torch.Tensor) -> Any:
             if not any(s is t for t in sources):
                 sources.append(s)
     return _Units(tuple(sources), units[0].dim, units[0].repeat)
-
-
-def _same_shape(units: Any, out: torch.Tensor) -> Any:
-    if isinstance(units, _Units) and not units.raw and units.dim >= out.dim():
-        return _UNKNOWN
-    return units
 
 
 def _reshaped(units: _Units, shape: tuple[int, ...], new: tuple[int, ...]) -> Any:

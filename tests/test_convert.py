@@ -387,3 +387,40 @@ def test_hat_cl_conversion_helpers():
     assert [type(m) for m in back] == [nn.Linear, nn.BatchNorm1d, nn.Linear]
     mask = converted[0].get_mask(1)
     assert torch.equal(back[0].weight, converted[0].weight * mask.view(-1, 1))
+
+
+def test_a_broadcast_that_moves_the_unit_dimension_is_not_followed(digit_tasks):
+    class Broadcast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(64, 16)
+            self.b = nn.Linear(16, 8)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = F.relu(self.a(x.flatten(1)))  # [N, 16], units along dim 1
+            spread = h * torch.ones(3, *h.shape)  # [N, 16] * [3, N, 16]: the units move to dim 2
+            return self.head(self.b(spread.sum(0)))
+
+    model = hat.convert(Broadcast(), HATConfig(num_tasks=2))
+    with torch.no_grad(), pytest.warns(UserWarning, match="could not be traced"):
+        model(digit_tasks[0][0][:2])
+    assert model.b._hat_link == "unknown"  # conservative: whole rows
+
+
+def test_scaling_by_a_plain_parameter_keeps_the_units(digit_tasks):
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(64, 16)
+            self.gamma = nn.Parameter(torch.ones(16))
+            self.b = nn.Linear(16, 8)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(self.b(F.relu(self.a(x.flatten(1))) * self.gamma))
+
+    model = hat.convert(Scaled(), HATConfig(num_tasks=2))
+    with torch.no_grad():
+        model(digit_tasks[0][0][:2])
+    assert model.b._hat_link == ((model.a,), 1)

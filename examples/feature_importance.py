@@ -59,7 +59,7 @@ model = MaskedMLP()
 optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)  # one optimizer for the whole sequence
 for t, (x, y, _, _) in enumerate(tasks):
     model.train()
-    for epoch in range(args.epochs):
+    for _ in range(args.epochs):
         batches = torch.randperm(len(x)).split(32)
         for b, idx in enumerate(batches):
             s = get_hat_mask_scale("linear", 400.0, b / max(len(batches) - 1, 1))

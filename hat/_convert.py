@@ -48,7 +48,7 @@ Pattern = str | Sequence[str] | None
 
 
 # -- task selection -----------------------------------------------------------------------------
-def _unwrap(model: Any, what: str) -> nn.Module:
+def _check_module(model: Any, what: str) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise HATTypeError(f"{what}: model must be a torch.nn.Module; got {type(model).__name__}")
     return model
@@ -71,7 +71,7 @@ def set_task(model: nn.Module, task_id: Any, mask_scale: Any = None) -> None:
     Training needs a scale: anneal it per batch (``hat.utils.get_hat_mask_scale``) and call
     ``set_task`` again; the values go into 0-d tensors, so a compiled model does not recompile.
     """
-    _unwrap(model, "set_task")
+    _check_module(model, "set_task")
     modules = _modules_for(model, "set_task")
     # check everything before writing anything
     checked = {m.num_tasks: check_task_id(task_id, m.num_tasks) for m in modules}
@@ -85,7 +85,7 @@ def set_task(model: nn.Module, task_id: Any, mask_scale: Any = None) -> None:
 def task(model: nn.Module, task_id: Any, mask_scale: Any = None) -> Iterator[nn.Module]:
     """``with hat.task(model, t, mask_scale=s): ...`` selects a task for the block and restores
     the previous selection afterwards, also when the block raises."""
-    _unwrap(model, "task")
+    _check_module(model, "task")
     modules = _modules_for(model, "task")
     saved = [(m, m._hat_state) for m in modules]
     set_task(model, task_id, mask_scale)
@@ -206,7 +206,7 @@ def convert(model: nn.Module, hat_config: HATConfig, *, include: Pattern = None,
     """
     # -- check the arguments ------------------------------------------------------------------
     _check_wrapped(model, "convert")
-    _unwrap(model, "convert")
+    _check_module(model, "convert")
     _check_config(hat_config)
     if task_modules(model):
         raise HATValueError(f"convert: {type(model).__name__} already has HAT or task-indexed layers; convert a plain "
@@ -282,7 +282,7 @@ def unconvert(model: nn.Module, task_id: Any) -> nn.Module:
     the task's row). Evaluation outputs equal the HAT model's for that task; ``model`` itself
     is left as it is."""
     _check_wrapped(model, "unconvert")
-    _unwrap(model, "unconvert")
+    _check_module(model, "unconvert")
     modules = _modules_for(model, "unconvert")
     checked = {m.num_tasks: check_task_id(task_id, m.num_tasks) for m in modules}
     clone = copy.deepcopy(model)

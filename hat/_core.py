@@ -94,25 +94,33 @@ class _CompensatedSigmoid(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, e: torch.Tensor, scale: Any, factor: float, clamp: float) -> torch.Tensor:
+    def forward(ctx: Any, e: torch.Tensor, scale: torch.Tensor, factor: float, clamp: float) -> torch.Tensor:
+        # used where the scale is a 0-d tensor (compiled forwards); eager ones use _TaskMask
         mask = torch.sigmoid(scale * e)
-        if isinstance(scale, torch.Tensor):  # a 0-d tensor under torch.compile
-            ctx.save_for_backward(e, mask, scale)
-        else:
-            ctx.save_for_backward(e, mask)
-            ctx.scale = scale
+        ctx.save_for_backward(e, mask, scale)
         ctx.factor, ctx.clamp = factor, clamp
         return _flush(mask)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        saved = ctx.saved_tensors
-        e, mask = saved[0], saved[1]
-        scale = saved[2] if len(saved) == 3 else ctx.scale
-        num = torch.cosh((scale * e).clamp_(-ctx.clamp, ctx.clamp)).add_(1)
-        den = torch.cosh(e).add_(1)
-        slope = mask * (1 - mask)
-        return grad * slope.mul_(num).div_(den).mul_(ctx.factor), None, None, None
+        e, mask, scale = ctx.saved_tensors
+        return _compensated(grad, e, mask, scale, ctx.factor, ctx.clamp), None, None, None
+
+
+def _compensated(grad: torch.Tensor, e: torch.Tensor, mask: torch.Tensor, scale: Any, factor: float,
+                 clamp: float) -> torch.Tensor:
+    """The embedding gradient of ``mask = sigmoid(scale * e)`` with HAT's compensation (see
+    _CompensatedSigmoid)."""
+    num = torch.cosh((scale * e).clamp_(-clamp, clamp)).add_(1)
+    den = torch.cosh(e).add_(1)
+    slope = mask * (1 - mask)
+    return grad * slope.mul_(num).div_(den).mul_(factor)
+
+
+def _one_hot(n: int, slot: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    hot = torch.zeros(n, dtype=dtype, device=device)
+    hot[slot] = 1
+    return hot
 
 
 class _Probe(torch.autograd.Function):
@@ -139,8 +147,7 @@ class _Probe(torch.autograd.Function):
             (slot,) = ctx.saved_tensors
             hot = (torch.arange(ctx.n, device=grad.device) == slot).to(ctx.dtype)
         else:
-            hot = torch.zeros(ctx.n, dtype=ctx.dtype, device=grad.device)
-            hot[ctx.slot] = 1
+            hot = _one_hot(ctx.n, ctx.slot, ctx.dtype, grad.device)
         return grad, hot, None
 
 
@@ -162,15 +169,9 @@ class _TaskMask(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         e, mask = ctx.saved_tensors
-        num = torch.cosh((ctx.scale * e).clamp_(-ctx.clamp, ctx.clamp)).add_(1)
-        den = torch.cosh(e).add_(1)
-        slope = mask * (1 - mask)
         full = grad.new_zeros(ctx.shape)
-        full[ctx.task] = grad * slope.mul_(num).div_(den).mul_(ctx.factor)
-        hot = None
-        if ctx.probe_n is not None:
-            hot = torch.zeros(ctx.probe_n[0], dtype=ctx.probe_n[1], device=grad.device)
-            hot[ctx.task] = 1
+        full[ctx.task] = _compensated(grad, e, mask, ctx.scale, ctx.factor, ctx.clamp)
+        hot = None if ctx.probe_n is None else _one_hot(ctx.probe_n[0], ctx.task, ctx.probe_n[1], grad.device)
         return full, None, None, None, None, hot
 
 
@@ -194,9 +195,7 @@ class _Rows(torch.autograd.Function):
             full = g.new_zeros(shape)
             full[ctx.slot] = g
             out.append(full)
-        hot = torch.zeros(ctx.probe_n, dtype=ctx.probe_dtype, device=grads[0].device)
-        hot[ctx.slot] = 1
-        return (None, hot, *out)
+        return (None, _one_hot(ctx.probe_n, ctx.slot, ctx.probe_dtype, grads[0].device), *out)
 
 
 def rows(module: Any, slot: Any, *params: torch.Tensor | None) -> tuple[Any, ...]:
@@ -306,14 +305,17 @@ class TaskTracked:
     def _hat_begin(self, payload: HATPayload) -> tuple[int | None, float | None]:
         """Validate a payload for this layer; nothing is written before this returns."""
         task = check_task_id(payload.task_id, self.num_tasks)
-        scale = payload.mask_scale
+        self._hat_check_scale(task, payload.mask_scale, "pass HATPayload(..., mask_scale=...)")
+        return task, payload.mask_scale
+
+    def _hat_check_scale(self, task: int | None, scale: float | None, how: str) -> None:
+        """A training forward with grad needs a soft mask: the hard one has no gradient."""
         if task is not None and scale is None and self.training and torch.is_grad_enabled():
             raise HATValueError(
-                f"mask_scale is None (the hard mask) in a training forward of {type(self).__name__} with grad "
-                "enabled; pass mask_scale=... (e.g. hat.utils.get_hat_mask_scale) or evaluate under "
-                "model.eval() / torch.no_grad()"
+                f"mask_scale is None (the hard mask of task {task}) in a training forward of {type(self).__name__} "
+                f"with grad enabled; {how} (e.g. hat.utils.get_hat_mask_scale) or evaluate under model.eval() / "
+                "torch.no_grad()"
             )
-        return task, scale
 
     def _hat_reinit(self) -> None:
         """Fresh bookkeeping after ``to_empty`` (conversion builds layers on the meta device)."""
@@ -334,12 +336,7 @@ class TaskTracked:
     def _hat_selected(self) -> tuple[int | None, float | None]:
         """The task and scale selected by ``hat.set_task``, validated for a forward."""
         task, scale = self._hat_state
-        if task is not None and scale is None and self.training and torch.is_grad_enabled():
-            raise HATValueError(
-                f"{type(self).__name__} runs a training forward with grad enabled on the hard mask of task {task}; "
-                "select a mask scale (hat.set_task(model, task_id, mask_scale=...)) or evaluate under "
-                "model.eval() / torch.no_grad()"
-            )
+        self._hat_check_scale(task, scale, "select a mask scale with hat.set_task(model, task_id, mask_scale=...)")
         return task, scale
 
     def _hat_step_masks(self, training: set[int], protected: frozenset[int]) -> list[tuple[nn.Parameter, Split | None, bool]]:
@@ -489,12 +486,18 @@ class HATMasked(TaskTracked):
         if cfg.gate is torch.sigmoid:
             probe = self._hat_probe if mark else None
             return _TaskMask.apply(emb, task, scale, cfg.grad_comp_factor, cfg.grad_comp_clamp, probe), mark
-        e = emb[task]
+        return self._hat_generic_gate(emb[task], scale), False
+
+    def _hat_generic_gate(self, e: torch.Tensor, scale: Any) -> torch.Tensor:
+        """A gate other than sigmoid: ``gate(s * e)`` with the compensation as a gradient factor;
+        ``scale`` a float or a 0-d tensor (0 only where the result is not used)."""
+        cfg = self.hat_config
         with torch.no_grad():
-            clamped = (scale * e).clamp(-cfg.grad_comp_clamp, cfg.grad_comp_clamp)
-            factor = cfg.grad_comp_factor * (torch.cosh(clamped) + 1) / (scale * (torch.cosh(e) + 1))
+            safe = scale.clamp(min=1e-12) if isinstance(scale, torch.Tensor) else scale
+            clamped = (safe * e).clamp(-cfg.grad_comp_clamp, cfg.grad_comp_clamp)
+            factor = cfg.grad_comp_factor * (torch.cosh(clamped) + 1) / (safe * (torch.cosh(e) + 1))
         mask = cfg.gate(scale * _GradScale.apply(e, factor))
-        return mask - (mask - _flush(mask)).detach(), False  # flushed forward, gradient kept
+        return mask - (mask - _flush(mask)).detach()  # flushed forward, gradient kept
 
     def _hat_mask_tensor(self, task: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """``_hat_mask`` for a task and scale held in 0-d tensors (``hat_task``, ``hat_scale``):
@@ -508,12 +511,7 @@ class HATMasked(TaskTracked):
             if cfg.gate is torch.sigmoid:
                 soft = _CompensatedSigmoid.apply(e, scale, cfg.grad_comp_factor, cfg.grad_comp_clamp)
             else:
-                with torch.no_grad():
-                    safe = scale.clamp(min=1e-12)
-                    clamped = (safe * e).clamp(-cfg.grad_comp_clamp, cfg.grad_comp_clamp)
-                    factor = cfg.grad_comp_factor * (torch.cosh(clamped) + 1) / (safe * (torch.cosh(e) + 1))
-                gated = cfg.gate(scale * _GradScale.apply(e, factor))
-                soft = gated - (gated - _flush(gated)).detach()
+                soft = self._hat_generic_gate(e, scale)
         else:
             soft = _flush(cfg.gate(scale * e))
         mask = torch.where(scale > 0, soft, hard)

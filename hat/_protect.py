@@ -141,36 +141,45 @@ def _pre_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     plan = _plan(optimizer)
     if not plan.modules:
         return
-    # the slots this step trains and the trained tasks, per num_tasks (one model: one entry)
-    training: dict[int, set[int]] = {}
-    trained: dict[int, set[int]] = {}
-    witnessed: dict[int, set[int]] = {}
-    own_trained = {}
-    _read_latest(plan.modules)
-    for m in plan.modules:
-        own_trained[id(m)] = m._hat_trained_set()
-        training.setdefault(m.num_tasks, set()).update(m._hat_step.bwd)
-        trained.setdefault(m.num_tasks, set()).update(own_trained[id(m)])
-        witnessed.setdefault(m.num_tasks, set()).update(m._hat_step.witnessed)
-    newly = {id(m): sorted(t for t in training[m.num_tasks] - own_trained[id(m)] if t < m.num_tasks) for m in plan.modules}
+    training, protected = _step_tasks(plan.modules)
+    newly = {id(m): sorted(t for t in training[m.num_tasks] - m._hat_trained_set() if t < m.num_tasks)
+             for m in plan.modules}
     pending = _Pending(plan.modules, newly)
     _PENDING[optimizer] = pending
-    protected = {n: frozenset(trained[n] - training[n]) for n in training}
-    plain_training = {n: training[n] == {n} for n in training}  # only task_id=None: nothing protected
-    for m in plan.modules:
-        n = m.num_tasks
-        if plain_training[n]:
-            continue
-        for p, split, condition in m._hat_step_masks(training[n], protected[n]):
-            if id(p) in plan.in_optimizer:
-                pending.add(optimizer, p, split, condition)
+    for _, p, split, condition in _protected_entries(plan.modules, training, protected):
+        if id(p) in plan.in_optimizer:
+            pending.add(optimizer, p, split, condition)
     if plan.plain:
         n = max(training)
-        if not plain_training[n]:
-            unseen = protected[n] - witnessed[n]
+        if training[n] != {n}:
+            witnessed = set().union(*(m._hat_step.witnessed for m in plan.modules if m.num_tasks == n))
+            unseen = protected[n] - witnessed
             _protect_plain(optimizer, plan.plain, n, training[n] - {n}, protected[n], unseen, pending)
     with torch.no_grad():
         pending.snapshot()
+
+
+def _step_tasks(modules: list[TaskTracked]) -> tuple[dict[int, set[int]], dict[int, frozenset[int]]]:
+    """Per num_tasks (one model: one entry): the slots the latest backwards trained, and the
+    trained tasks that must not change."""
+    _read_latest(modules)
+    training: dict[int, set[int]] = {}
+    trained: dict[int, set[int]] = {}
+    for m in modules:
+        training.setdefault(m.num_tasks, set()).update(m._hat_step.bwd)
+        trained.setdefault(m.num_tasks, set()).update(m._hat_trained_set())
+    return training, {n: frozenset(trained[n] - training[n]) for n in training}
+
+
+def _protected_entries(modules: list[TaskTracked], training: dict[int, set[int]],
+                       protected: dict[int, frozenset[int]]) -> Any:
+    """(module, parameter, its protected entries, condition its gradient) for one step; nothing
+    where only "no task" trains (plain training protects nothing)."""
+    for m in modules:
+        n = m.num_tasks
+        if training[n] != {n}:
+            for p, split, condition in m._hat_step_masks(training[n], protected[n]):
+                yield m, p, split, condition
 
 
 def _read_latest(modules: list[TaskTracked]) -> None:
@@ -291,21 +300,12 @@ def condition_gradients(model: nn.Module) -> None:
     modules = task_modules(model)
     if not modules:
         raise HATValueError(f"condition_gradients: {type(model).__name__} has no HAT or task-indexed module")
-    _read_latest(modules)
-    training: dict[int, set[int]] = {}
-    trained: dict[int, set[int]] = {}
-    for m in modules:
-        training.setdefault(m.num_tasks, set()).update(m._hat_step.bwd)
-        trained.setdefault(m.num_tasks, set()).update(m._hat_trained_set())
+    training, protected = _step_tasks(modules)
     grads, keeps = [], []
-    for m in modules:
-        n = m.num_tasks
-        if training[n] == {n}:
-            continue  # task_id=None: plain training, nothing protected
-        for p, split, condition in m._hat_step_masks(training[n], frozenset(trained[n] - training[n])):
-            if condition and p.grad is not None:
-                grads.append(p.grad)
-                keeps.append(split[1])
+    for _, p, split, condition in _protected_entries(modules, training, protected):
+        if condition and p.grad is not None:
+            grads.append(p.grad)
+            keeps.append(split[1])
     if grads:
         torch._foreach_mul_(grads, keeps)
 

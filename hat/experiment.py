@@ -56,8 +56,7 @@ def split_digits(num_tasks: int = 5, seed: int = 0, train_fraction: float = 0.7)
     Each digit is split ``train_fraction`` / rest at random (seeded), so both splits keep the
     class balance. ``x`` is ``[N, 1, 8, 8]`` float32 in [0, 1], ``y`` int64 in {0, 1}.
     """
-    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or not 1 <= num_tasks <= 5:
-        raise ValueError(f"num_tasks must be an int in [1, 5] (10 digits, 2 per task); got {num_tasks!r}")
+    _check_num_tasks(num_tasks, 5, "10 digits, 2 per task")
     if not 0.0 < train_fraction < 1.0:
         raise ValueError(f"train_fraction must be in (0, 1); got {train_fraction!r}")
     from sklearn.datasets import load_digits  # optional dependency (the "demo" extra)
@@ -120,6 +119,17 @@ def _find_fashion(data_dir: str | Path | None) -> Path:
     )
 
 
+def _load_fashion(data_dir: str | Path | None) -> tuple[torch.Tensor, ...]:
+    """Fashion-MNIST's train images, train labels, test images, test labels as uint8 tensors."""
+    root = _find_fashion(data_dir)
+    return tuple(_read_idx(root / f if (root / f).exists() else root / (f + ".gz")) for f in _FASHION_FILES)
+
+
+def _check_num_tasks(num_tasks: Any, most: int, why: str) -> None:
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or not 1 <= num_tasks <= most:
+        raise ValueError(f"num_tasks must be an int in [1, {most}] ({why}); got {num_tasks!r}")
+
+
 def split_fashion_mnist(num_tasks: int = 5, data_dir: str | Path | None = None) -> list[Task]:
     """Fashion-MNIST (60k/10k 28x28) as 2-class tasks in class order: task ``t`` is class ``2t``
     (label 0) against ``2t + 1`` (label 1), with the dataset's own train/test split.
@@ -127,15 +137,8 @@ def split_fashion_mnist(num_tasks: int = 5, data_dir: str | Path | None = None) 
     Read from ``data_dir`` or where Debian's ``dataset-fashion-mnist`` installs it.
     ``x`` is ``[N, 1, 28, 28]`` float32 in [0, 1].
     """
-    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or not 1 <= num_tasks <= 5:
-        raise ValueError(f"num_tasks must be an int in [1, 5] (10 classes, 2 per task); got {num_tasks!r}")
-    root = _find_fashion(data_dir)
-
-    def load(name: str) -> torch.Tensor:
-        path = root / name
-        return _read_idx(path if path.exists() else root / (name + ".gz"))
-
-    x_tr, y_tr, x_te, y_te = (load(f) for f in _FASHION_FILES)
+    _check_num_tasks(num_tasks, 5, "10 classes, 2 per task")
+    x_tr, y_tr, x_te, y_te = _load_fashion(data_dir)
     x_tr = x_tr.unsqueeze(1).float().div_(255)
     x_te = x_te.unsqueeze(1).float().div_(255)
     y_tr, y_te = y_tr.long(), y_te.long()
@@ -151,15 +154,8 @@ def permuted_fashion_mnist(num_tasks: int = 10, data_dir: str | Path | None = No
     """Permuted Fashion-MNIST: every task is the whole 10-class problem with its own fixed
     permutation of the 784 pixels (task 0 unpermuted), so tasks share no input structure and
     compete for capacity. Permutations come from ``seed``."""
-    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or not 1 <= num_tasks <= 10:
-        raise ValueError(f"num_tasks must be an int in [1, 10]; got {num_tasks!r}")
-    root = _find_fashion(data_dir)
-
-    def load(name: str) -> torch.Tensor:
-        path = root / name
-        return _read_idx(path if path.exists() else root / (name + ".gz"))
-
-    x_tr, y_tr, x_te, y_te = (load(f) for f in _FASHION_FILES)
+    _check_num_tasks(num_tasks, 10, "one permutation per task")
+    x_tr, y_tr, x_te, y_te = _load_fashion(data_dir)
     x_tr = x_tr.reshape(len(x_tr), -1).float().div_(255)
     x_te = x_te.reshape(len(x_te), -1).float().div_(255)
     g = torch.Generator().manual_seed(seed)
@@ -192,8 +188,7 @@ def split_cifar(which: str, num_tasks: int | None = None, data_dir: str | Path |
     per_task = 2 if which == "cifar10" else 10
     most = classes // per_task
     num_tasks = most if num_tasks is None else num_tasks
-    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or not 1 <= num_tasks <= most:
-        raise ValueError(f"num_tasks must be an int in [1, {most}] for split-{which}; got {num_tasks!r}")
+    _check_num_tasks(num_tasks, most, f"split-{which}: {per_task} classes per task")
     places = [] if data_dir is None else [Path(data_dir), Path(data_dir) / folder_name]
     root = next((p for p in places if all((p / f).is_file() for f in train_files + test_files)), None)
     if root is None:

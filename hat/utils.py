@@ -103,22 +103,12 @@ def convert_to_task_dependent_module(module: nn.Module, **kwargs: Any) -> nn.Mod
     """
     from hat._convert import DEFAULT_MAPPING
     from hat._core import TaskTracked
-    from hat.exceptions import ModuleConversionWarning
 
-    target = DEFAULT_MAPPING.get(type(module))
-    if target is not None:
-        return target.from_base_module(module, **kwargs)
-    if isinstance(module, TaskTracked):
-        return module
-    children = list(module.named_children())
-    if not children:
-        warnings.warn(f"{type(module).__name__} has no task-dependent counterpart; returned as is",
-                      ModuleConversionWarning, stacklevel=2)
-        return module
-    out = copy.deepcopy(module)
-    for name, child in children:
-        setattr(out, name, convert_to_task_dependent_module(child, **kwargs))
-    return out
+    def swap(m: nn.Module) -> nn.Module | None:
+        target = DEFAULT_MAPPING.get(type(m))
+        return None if target is None else target.from_base_module(m, **kwargs)
+
+    return _swapped_copy(module, swap, lambda m: isinstance(m, TaskTracked), "has no task-dependent counterpart")
 
 
 def convert_to_base_module(module: nn.Module, **kwargs: Any) -> nn.Module:
@@ -128,18 +118,40 @@ def convert_to_base_module(module: nn.Module, **kwargs: Any) -> nn.Module:
     ``ModuleConversionWarning``. For a whole converted model use ``hat.unconvert``."""
     from hat._convert import DEFAULT_MAPPING
     from hat._core import TaskTracked
+
+    def swap(m: nn.Module) -> nn.Module | None:
+        return m.to_base_module(**kwargs) if isinstance(m, TaskTracked) else None
+
+    return _swapped_copy(module, swap, lambda m: type(m) in DEFAULT_MAPPING, "is not a task-dependent layer")
+
+
+def _swapped_copy(module: nn.Module, swap: Any, done: Any, why: str) -> nn.Module:
+    """hat-cl's conversion walk: ``swap(m)`` gives a replacement (or None); modules that are
+    ``done`` stay; other leaves stay with a warning; the rest is copied once and walked."""
     from hat.exceptions import ModuleConversionWarning
 
-    if isinstance(module, TaskTracked):
-        return module.to_base_module(**kwargs)
-    if type(module) in DEFAULT_MAPPING:
-        return module
-    children = list(module.named_children())
-    if not children:
-        warnings.warn(f"{type(module).__name__} is not a task-dependent layer; returned as is",
-                      ModuleConversionWarning, stacklevel=2)
+    def leaf_or_done(m: nn.Module) -> bool:
+        if done(m):
+            return True
+        if next(m.children(), None) is None:
+            warnings.warn(f"{type(m).__name__} {why}; returned as is", ModuleConversionWarning, stacklevel=4)
+            return True
+        return False
+
+    new = swap(module)
+    if new is not None:
+        return new
+    if leaf_or_done(module):
         return module
     out = copy.deepcopy(module)
-    for name, child in children:
-        setattr(out, name, convert_to_base_module(child, **kwargs))
+
+    def walk(parent: nn.Module) -> None:
+        for name, child in list(parent.named_children()):
+            new = swap(child)
+            if new is not None:
+                setattr(parent, name, new)
+            elif not leaf_or_done(child):
+                walk(child)
+
+    walk(out)
     return out

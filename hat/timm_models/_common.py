@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import hat
-from hat._core import HATMasked, TaskTracked, _check_config, task_modules
+from hat._core import HATMasked, TaskTracked, _check_config
 from hat._errors import HATTypeError, HATValueError
 from hat.modules import TaskIndexedLinear
 from hat.payload import HATPayload
@@ -104,5 +104,14 @@ def key_check(name: str, allowed_missing: tuple[str, ...] = ()) -> Any:
     return check
 
 
-def hat_layers(model: nn.Module) -> list[Any]:
-    return task_modules(model)
+def plain_cfg(tagged: str) -> dict[str, Any]:
+    """timm's own pretrained config of a plain model, pointing at the plain model's weights."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(tagged).to_dict()
+    if cfg.get("hf_hub_id") == "timm/":
+        cfg["hf_hub_id"] = f"timm/{tagged}"
+    # the hub copies and users' local files are PyTorch state_dicts; some timm versions would
+    # otherwise read a local file as the original JAX .npz
+    cfg["custom_load"] = False
+    return cfg

@@ -11,30 +11,18 @@ from __future__ import annotations
 
 from typing import Any
 
-import timm
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, ResNet
 from torch import nn
 
 from hat._errors import HATValueError
-from hat.timm_models._common import HATTimmModel, finish, key_check, require_config
+from hat.timm_models._common import HATTimmModel, finish, key_check, plain_cfg, require_config
 
 __all__ = ["HATResNet"]
 
 
 class HATResNet(HATTimmModel, ResNet):
     """timm's ResNet, converted to HAT (see ``hat.timm_models``)."""
-
-
-def _plain_cfg(tagged: str) -> dict[str, Any]:
-    """timm's own pretrained config of a plain model, pointing at the plain model's weights."""
-    cfg = timm.models.get_pretrained_cfg(tagged).to_dict()
-    if cfg.get("hf_hub_id") == "timm/":
-        cfg["hf_hub_id"] = f"timm/{tagged}"
-    # the hub copies and users' local files are PyTorch state_dicts; some timm versions would
-    # otherwise read a local file as the original JAX .npz
-    cfg["custom_load"] = False
-    return cfg
 
 
 def _small_cfg() -> dict[str, Any]:
@@ -44,8 +32,8 @@ def _small_cfg() -> dict[str, Any]:
 
 
 default_cfgs = generate_default_cfgs({
-    "hat_resnet18.a1_in1k": _plain_cfg("resnet18.a1_in1k"),
-    "hat_resnet34.a1_in1k": _plain_cfg("resnet34.a1_in1k"),
+    "hat_resnet18.a1_in1k": plain_cfg("resnet18.a1_in1k"),
+    "hat_resnet34.a1_in1k": plain_cfg("resnet34.a1_in1k"),
     "hat_resnet18s": _small_cfg(),
     "hat_resnet34s": _small_cfg(),
 })

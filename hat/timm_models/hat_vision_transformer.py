@@ -29,8 +29,7 @@ except ImportError:  # older timm: nn.LayerNorm only
 
 from hat._core import TaskTracked, rows
 from hat.modules import TaskIndexedLayerNorm
-from hat.timm_models._common import HATTimmModel, finish, key_check, require_config
-from hat.timm_models.hat_resnet import _plain_cfg
+from hat.timm_models._common import HATTimmModel, finish, key_check, plain_cfg, require_config
 
 __all__ = ["HATVisionTransformer"]
 
@@ -66,7 +65,7 @@ def _filter(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, 
 
 
 default_cfgs = generate_default_cfgs({
-    "hat_vit_tiny_patch16_224.augreg_in21k_ft_in1k": _plain_cfg("vit_tiny_patch16_224.augreg_in21k_ft_in1k"),
+    "hat_vit_tiny_patch16_224.augreg_in21k_ft_in1k": plain_cfg("vit_tiny_patch16_224.augreg_in21k_ft_in1k"),
 })
 
 

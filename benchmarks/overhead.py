@@ -4,16 +4,25 @@
 
 Also hat_resnet18s (hat.timm_models) against the same timm ResNet-18 with plain layers.
 
-1 thread, batch 32, 3x32x32 inputs, AdamW. HAT and plain steps are interleaved in one process
-and each pair gives one ratio, so slow drifts of the machine cancel. The HAT model trains task 1
-with task 0 already trained, so the protection (gradient conditioning and the exact update
-restore) is doing its full work.
+1 thread, batch 32, 3x32x32 inputs, AdamW twice: torch's default (a loop over the parameters
+on CPU) and ``fused=True``. HAT and plain steps are interleaved in one process and each pair
+gives one ratio, so slow drifts of the machine cancel. The HAT model trains task 1 with task 0
+already trained, so the protection (gradient conditioning and the exact update restore) is
+doing its full work.
+
+Allocator: glibc hands freed memory back to the kernel at the end of every step (heap trimming),
+and the next step page-faults it in again: on this VM that is 2000-4500 faults and 3-15 ms of
+system time per CNN step, landing on whichever model runs after a trim. By default the
+benchmark keeps freed memory in the process (``mallopt``: no trimming, a fixed mmap threshold),
+as PyTorch's CPU tuning guide does with a caching allocator, so that the ratio measures the
+computation; ``--default-malloc`` measures with glibc's defaults.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import statistics
 import time
 
@@ -86,19 +95,50 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--skip-timm", action="store_true", help="only the hand-built CNN (no timm needed)")
     parser.add_argument("--timm-repeats", type=int, default=30, help="timed pairs for hat_resnet18s (slow steps)")
-    parser.add_argument("--fused", action="store_true", help="AdamW(fused=True) for both models")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's heap trimming on (page faults then show in both models' steps)")
     parser.add_argument("--flush-denormal", action="store_true",
                         help="treat subnormal floats as 0 (torch.set_flush_denormal) in both models")
     args = parser.parse_args()
+    allocator = "glibc defaults" if args.default_malloc else steady_allocator()
     torch.set_num_threads(1)
     torch.set_flush_denormal(args.flush_denormal)
-    torch.manual_seed(0)
+    n = args.repeats
+    print(f"1 thread, allocator: {allocator}; medians of paired ratios HAT / plain")
+    for fused in (False, True):
+        train, infer, control = cnn(fused, n, args.warmup)
+        which = "AdamW(fused=True)" if fused else "AdamW (torch's default)"
+        print(f"CNN train step, {which}, task 1 with task 0 protected: {train:.3f}x  ({n} pairs)")
+        if not fused:
+            print(f"CNN inference (hard mask, eval):                       {infer:.3f}x  ({n} pairs)")
+            print(f"control, train step, plain copy / plain:               {control:.3f}x  ({n} pairs)")
+    if not args.skip_timm:
+        for fused in (False, True):
+            resnet = timm_resnet(args.timm_repeats, 3, fused)
+            which = "AdamW(fused=True)" if fused else "AdamW (torch's default)"
+            print(f"hat_resnet18s train step (set_task), {which}: {resnet:.3f}x  ({args.timm_repeats} pairs)")
 
+
+def steady_allocator() -> str:
+    """Keep memory that tensors free inside the process (glibc only), so that no step pays page
+    faults for memory an earlier step gave back."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+        ok = libc.mallopt(m_trim_threshold, 2**30) == 1 and libc.mallopt(m_mmap_threshold, 2**25) == 1
+    except (OSError, AttributeError):
+        ok = False
+    return "glibc, no heap trimming" if ok else "the platform's default (mallopt not available)"
+
+
+def cnn(fused: bool, repeats: int, warmup: int) -> tuple[float, float, float]:
+    """(train, inference, control) ratios for the hand-built CNN, from one set of starting weights."""
+    torch.manual_seed(0)
     plain = PlainCNN()
     hat_model = HATCNN(HATConfig(num_tasks=5))
     copy_weights(plain, hat_model)  # weight values can change CPU speed (subnormals): start equal
-    opt_plain = adamw(plain.parameters(), args.fused)
-    opt_hat = adamw(hat_model.parameters(), args.fused)
+    opt_plain = adamw(plain.parameters(), fused)
+    opt_hat = adamw(hat_model.parameters(), fused)
     x = torch.randn(32, 3, 32, 32)
     y = torch.randint(0, 10, (32,))
 
@@ -122,20 +162,20 @@ def main() -> None:
     def infer_hat() -> None:
         hat_model(HATPayload(x, task_id=0))
 
-    for _ in range(args.warmup):
+    for _ in range(warmup):
         step_hat(0)  # task 0 becomes trained: training task 1 below protects it
         step_plain()  # the same number of steps, so both models hold trained weights
     plain.eval()
     hat_model.eval()
-    infer = paired(infer_hat, infer_plain, args.repeats, args.warmup)
+    infer = paired(infer_hat, infer_plain, repeats, warmup)
     plain.train()
     hat_model.train()
-    train = paired(step_hat, step_plain, args.repeats, args.warmup)
+    train = paired(step_hat, step_plain, repeats, warmup)
 
     # control: the same plain network against a copy of itself; any ratio away from 1 here is
     # the measurement's own bias and noise, not HAT's
     twin = copy.deepcopy(plain)
-    opt_twin = adamw(twin.parameters(), args.fused)
+    opt_twin = adamw(twin.parameters(), fused)
     opt_twin.load_state_dict(opt_plain.state_dict())
 
     def step_twin() -> None:
@@ -144,21 +184,14 @@ def main() -> None:
         loss.backward()
         opt_twin.step()
 
-    control = paired(step_twin, step_plain, args.repeats, args.warmup)
-    n = args.repeats
-    which = "fused AdamW" if args.fused else "AdamW"
-    print(f"train step ({which}, task 1 with task 0 protected): HAT / plain = {train:.3f}x  (median of {n} paired ratios)")
-    print(f"inference (hard mask, eval):                    HAT / plain = {infer:.3f}x  (median of {n} paired ratios)")
-    print(f"control, train step:                     plain copy / plain = {control:.3f}x  (median of {n} paired ratios)")
-    if not args.skip_timm:
-        resnet = timm_resnet(args.timm_repeats, 3, args.fused)
-        print(f"hat_resnet18s train step (set_task, {which}):     HAT / plain = {resnet:.3f}x  "
-              f"(median of {args.timm_repeats} paired ratios)")
+    control = paired(step_twin, step_plain, repeats, warmup)
+    return train, infer, control
 
 
 def adamw(params, fused: bool) -> torch.optim.AdamW:
-    # fused: one kernel per parameter, which also takes the square roots of Adam's second
-    # moments without the slow path this CPU's torch.sqrt takes on exact zeros
+    # torch's default on CPU loops over the parameters and takes torch.sqrt of Adam's second
+    # moments, which is slow on exact zeros on this CPU (benchmarks/sqrt_zeros.py); the fused
+    # kernel is not
     return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, fused=fused or None)
 
 

@@ -111,16 +111,32 @@ def _compensated(grad: torch.Tensor, e: torch.Tensor, mask: torch.Tensor, scale:
                  clamp: float) -> torch.Tensor:
     """The embedding gradient of ``mask = sigmoid(scale * e)`` with HAT's compensation (see
     _CompensatedSigmoid)."""
-    num = torch.cosh((scale * e).clamp_(-clamp, clamp)).add_(1)
+    return _compensated_z(grad, e, scale * e, mask, factor, clamp)
+
+
+def _compensated_z(grad: torch.Tensor, e: torch.Tensor, z: torch.Tensor, mask: torch.Tensor, factor: float,
+                   clamp: float) -> torch.Tensor:
+    """``_compensated`` given ``z = scale * e`` from the forward (fewer small ops: on a CPU each
+    costs more in dispatch than in arithmetic at mask sizes)."""
+    num = torch.cosh(z.clamp(-clamp, clamp)).add_(1)
     den = torch.cosh(e).add_(1)
-    slope = mask * (1 - mask)
-    return grad * slope.mul_(num).div_(den).mul_(factor)
+    # sigmoid's own backward: grad * m * (1 - m), m from the forward as autograd would take it
+    return torch.ops.aten.sigmoid_backward(grad, mask).mul_(num).div_(den).mul_(factor)
 
 
 def _one_hot(n: int, slot: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    hot = torch.zeros(n, dtype=dtype, device=device)
-    hot[slot] = 1
+    """A cached one-hot, never written to: autograd copies a gradient that something else still
+    references instead of adopting it, and the probe's hook drops each gradient it reads."""
+    key = (n, slot, dtype, device)
+    hot = _ONE_HOTS.get(key)
+    if hot is None:
+        hot = torch.zeros(n, dtype=dtype, device=device)
+        hot[slot] = 1
+        _ONE_HOTS[key] = hot
     return hot
+
+
+_ONE_HOTS: dict[tuple[Any, ...], torch.Tensor] = {}
 
 
 class _Probe(torch.autograd.Function):
@@ -152,62 +168,39 @@ class _Probe(torch.autograd.Function):
 
 
 class _TaskMask(torch.autograd.Function):
-    """``flush(sigmoid(s * E[t]))`` in one autograd node: row selection, gate, HAT's compensated
-    gradient into row ``t`` of ``E`` and, when ``probe`` is given, the probe's one-hot at ``t``
-    (eager forwards; an int ``t``)."""
+    """``flush(sigmoid(s * e))`` for the row ``e = E[t]`` in one autograd node: gate, HAT's
+    compensated gradient and, when ``probe`` is given, the probe's one-hot at ``t`` (eager
+    forwards; an int ``t``). The row is selected outside, by torch's own select, whose backward
+    writes it into ``E``'s gradient without Python."""
 
     @staticmethod
-    def forward(ctx: Any, emb: torch.Tensor, task: int, scale: float, factor: float, clamp: float,
+    def forward(ctx: Any, e: torch.Tensor, task: int, scale: float, factor: float, clamp: float,
                 probe: torch.Tensor | None) -> torch.Tensor:
-        e = emb[task]
-        mask = torch.sigmoid(scale * e)
-        ctx.save_for_backward(e, mask)
-        ctx.task, ctx.scale, ctx.factor, ctx.clamp = task, scale, factor, clamp
-        ctx.shape, ctx.probe_n = emb.shape, None if probe is None else (probe.shape[0], probe.dtype)
+        z = e * scale
+        mask = torch.sigmoid(z)
+        ctx.save_for_backward(e, z, mask)
+        ctx.task, ctx.factor, ctx.clamp = task, factor, clamp
+        ctx.probe_n = None if probe is None else (probe.shape[0], probe.dtype)
         return _flush(mask)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        e, mask = ctx.saved_tensors
-        full = grad.new_zeros(ctx.shape)
-        full[ctx.task] = _compensated(grad, e, mask, ctx.scale, ctx.factor, ctx.clamp)
+        e, z, mask = ctx.saved_tensors
         hot = None if ctx.probe_n is None else _one_hot(ctx.probe_n[0], ctx.task, ctx.probe_n[1], grad.device)
-        return full, None, None, None, None, hot
-
-
-class _Rows(torch.autograd.Function):
-    """Row ``slot`` of each task-indexed parameter plus the probe's one-hot at ``slot``, in one
-    autograd node (eager forwards of norms and task-indexed heads; an int ``slot``)."""
-
-    @staticmethod
-    def forward(ctx: Any, slot: int, probe: torch.Tensor, *params: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        ctx.slot, ctx.shapes = slot, [p.shape for p in params]
-        ctx.probe_n, ctx.probe_dtype = probe.shape[0], probe.dtype
-        return tuple(p[slot].clone() for p in params)
-
-    @staticmethod
-    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:
-        out = []
-        for g, shape, needed in zip(grads, ctx.shapes, ctx.needs_input_grad[2:]):
-            if g is None or not needed:
-                out.append(None)
-                continue
-            full = g.new_zeros(shape)
-            full[ctx.slot] = g
-            out.append(full)
-        return (None, _one_hot(ctx.probe_n, ctx.slot, ctx.probe_dtype, grads[0].device), *out)
+        return _compensated_z(grad, e, z, mask, ctx.factor, ctx.clamp), None, None, None, None, hot
 
 
 def rows(module: Any, slot: Any, *params: torch.Tensor | None) -> tuple[Any, ...]:
     """The rows ``slot`` of task-indexed ``params`` (None stays None), reporting ``slot`` to the
-    module's probe when grad is on: one node instead of one per row and one for the probe."""
+    module's probe when grad is on (through the first row: every task-indexed layer uses it)."""
     present = [p for p in params if p is not None]
     if isinstance(slot, torch.Tensor) or not present or not torch.is_grad_enabled():
         got = [_row(p, slot) for p in present]
         if isinstance(slot, torch.Tensor) and torch.is_grad_enabled() and got:
             got[0] = module._hat_mark(got[0], slot)
     else:
-        got = list(_Rows.apply(slot, module._hat_probe, *present))
+        got = [p[slot] for p in present]  # torch's select: its backward needs no Python
+        got[0] = _Probe.apply(got[0], module._hat_probe, slot)
     it = iter(got)
     return tuple(None if p is None else next(it) for p in params)
 
@@ -399,8 +392,9 @@ class TaskTracked:
 
 
 # (protect, keep): float 0/1 masks, protect = 1 on protected entries and keep = 1 - protect.
-# Float masks, not bool: multiplying by them is several times faster than torch.where or
-# masked_fill on CPU, and for 0/1 values p * keep + old * protect is exact.
+# Float masks, not bool: gradients are conditioned by multiplying with ``keep``, and the
+# update is undone with lerp(p, old, protect), exact for 0/1 weights and faster on CPU than
+# torch.where or masked_fill.
 Split = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -485,7 +479,7 @@ class HATMasked(TaskTracked):
             return _flush(cfg.gate(scale * emb[task])), False
         if cfg.gate is torch.sigmoid:
             probe = self._hat_probe if mark else None
-            return _TaskMask.apply(emb, task, scale, cfg.grad_comp_factor, cfg.grad_comp_clamp, probe), mark
+            return _TaskMask.apply(emb[task], task, scale, cfg.grad_comp_factor, cfg.grad_comp_clamp, probe), mark
         return self._hat_generic_gate(emb[task], scale), False
 
     def _hat_generic_gate(self, e: torch.Tensor, scale: Any) -> torch.Tensor:

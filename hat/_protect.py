@@ -64,7 +64,6 @@ class _Pending:
     whole_saved: list[torch.Tensor] = field(default_factory=list)
     part: list[torch.Tensor] = field(default_factory=list)  # parameters restored entry by entry
     part_saved: list[torch.Tensor] = field(default_factory=list)
-    part_keep: list[torch.Tensor] = field(default_factory=list)
     part_protect: list[torch.Tensor] = field(default_factory=list)
 
     grads: list[torch.Tensor] = field(default_factory=list)  # gradients conditioned before the step
@@ -84,7 +83,6 @@ class _Pending:
             self.part.append(p.detach())
             self.part_saved.append(buf)
             self.part_protect.append(split[0])
-            self.part_keep.append(split[1])
 
     def snapshot(self) -> None:
         # multi-tensor ops: one call for all parameters instead of a few per parameter
@@ -99,9 +97,10 @@ class _Pending:
         if self.whole:
             torch._foreach_copy_(self.whole, self.whole_saved)
         if self.part:
-            # p * keep + old * protect, exact for 0/1 masks
-            torch._foreach_mul_(self.part, self.part_keep)
-            torch._foreach_addcmul_(self.part, self.part_saved, self.part_protect)
+            # lerp(p, old, protect): torch computes p + w * (old - p) for w < 0.5 and
+            # old - (old - p) * (1 - w) otherwise, so a 0/1 weight gives p or old exactly, in
+            # one pass over the parameter (a multiply and an addcmul took two)
+            torch._foreach_lerp_(self.part, self.part_saved, self.part_protect)
 
 
 _PLANS: weakref.WeakKeyDictionary[Any, _Plan] = weakref.WeakKeyDictionary()
@@ -187,12 +186,15 @@ def _read_latest(modules: list[TaskTracked]) -> None:
     reading = [m for m in modules if m._hat_step.latest is not None]
     if not reading:
         return
-    rows = [m._hat_step.latest.detach().ne(0) for m in reading]
-    flat = torch.cat([r.to(rows[0].device) for r in rows]).tolist()
+    grads = [m._hat_step.latest.detach() for m in reading]
+    device = grads[0].device
+    if any(g.device != device for g in grads):
+        grads = [g.to(device) for g in grads]
+    flat = (torch.cat(grads) if len(grads) > 1 else grads[0]).tolist()  # one op and one sync for all
     i = 0
-    for m, r in zip(reading, rows):
-        n = r.shape[0]
-        m._hat_step.bwd = {s for s in range(n) if flat[i + s]}
+    for m, g in zip(reading, grads):
+        n = g.shape[0]
+        m._hat_step.bwd = {s for s in range(n) if flat[i + s] != 0}
         m._hat_step.latest = None
         i += n
 
@@ -266,10 +268,13 @@ def _post_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None
     if pending is None:
         return
     with torch.no_grad():
+        by_clamp: dict[float, list[torch.Tensor]] = {}
         for m in pending.modules:
             if isinstance(m, HATMasked):
-                clamp = m.hat_config.attn_clamp
-                m.task_embedding.clamp_(-clamp, clamp)
+                by_clamp.setdefault(m.hat_config.attn_clamp, []).append(m.task_embedding)
+        for clamp, embeddings in by_clamp.items():
+            torch._foreach_clamp_min_(embeddings, -clamp)
+            torch._foreach_clamp_max_(embeddings, clamp)
         pending.restore()
         for m in pending.modules:
             m._hat_end_step(pending.newly_trained[id(m)])

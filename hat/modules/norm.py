@@ -150,7 +150,7 @@ class _TaskIndexedBatchNorm(TaskTracked, nn.Module):
         if self.track_running_stats:
             running_mean, running_var = self.running_mean[slot], self.running_var[slot]  # views: row `slot` only
             if self.training:
-                self.num_batches_tracked[slot] += 1
+                self.num_batches_tracked[slot].add_(1)  # in place on the row's view: two ops, not three
                 factor = 1.0 / float(self.num_batches_tracked[slot]) if self.momentum is None else self.momentum
         weight = bias = None
         if self.affine:

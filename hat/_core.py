@@ -190,10 +190,14 @@ class _TaskMask(torch.autograd.Function):
         return _compensated_z(grad, e, z, mask, ctx.factor, ctx.clamp), None, None, None, None, hot
 
 
-def rows(module: Any, slot: Any, *params: torch.Tensor | None) -> tuple[Any, ...]:
+def rows(module: Any, slot: Any, *params: torch.Tensor | None, mark: bool = True) -> tuple[Any, ...]:
     """The rows ``slot`` of task-indexed ``params`` (None stays None), reporting ``slot`` to the
-    module's probe when grad is on (through the first row: every task-indexed layer uses it)."""
+    module's probe when grad is on (through the first row: every task-indexed layer uses it).
+    ``mark=False``: a mask used in the same forward reports the slot already. Which tasks a step
+    trains is collected over all modules of the optimizer, so one report per forward suffices."""
     present = [p for p in params if p is not None]
+    if not mark and not isinstance(slot, torch.Tensor):
+        return tuple(None if p is None else p[slot] for p in params)
     if isinstance(slot, torch.Tensor) or not present or not torch.is_grad_enabled():
         got = [_row(p, slot) for p in present]
         if isinstance(slot, torch.Tensor) and torch.is_grad_enabled() and got:
@@ -517,6 +521,14 @@ class HATMasked(TaskTracked):
             return self._hat_mask_tensor(self.hat_task, self.hat_scale)
         task, scale = self._hat_selected()
         return None if task is None else self._hat_mask(task, scale)
+
+    def _hat_current_mask_marking(self) -> torch.Tensor:
+        """Eager: the mask of the selected task (which must not be None), reporting the task to
+        this layer's probe. For a layer whose mask the BatchNorm after it applies: the layer
+        then leaves its own output unmarked, and the mask's node does it without a node of its own."""
+        task, scale = self._hat_selected()
+        mask, marked = self._hat_mask_marked(task, scale, True)
+        return mask if marked else self._hat_mark(mask, task)
 
     def used_units(self, tasks: torch.Tensor) -> torch.Tensor:
         """Units whose hard mask is on for any of ``tasks`` (bool ``[num_tasks]``): the binary

@@ -424,3 +424,33 @@ def test_scaling_by_a_plain_parameter_keeps_the_units(digit_tasks):
     with torch.no_grad():
         model(digit_tasks[0][0][:2])
     assert model.b._hat_link == ((model.a,), 1)
+
+
+def test_frozen_embeddings_still_record_and_protect_tasks_when_batchnorm_applies_the_masks(digit_tasks):
+    # a conv whose mask its BatchNorm applies reports its task through that mask; with frozen
+    # embeddings the mask has no autograd node, and the report must still reach the step. Here
+    # the conv/BN pairs are the only HAT modules (the head stays plain), so nothing else reports.
+    torch.manual_seed(0)
+    plain = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 2),
+    )
+    model = hat.convert(plain, HATConfig(num_tasks=2), classifier=None)
+    model(digit_tasks[0][0][:2])  # trace
+    convs = [m for m in model.modules() if isinstance(m, HATConv2d)]
+    assert len(convs) == 2 and all(m._hat_defer for m in convs)
+    for m in convs:
+        m.task_embedding.requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3, weight_decay=0.01)
+    forward = lambda m, x, t: m(x)  # noqa: E731
+    x_probe = digit_tasks[0][2]
+    train_task(model, optimizer, *digit_tasks[0][:2], 0, forward, epochs=1)
+    assert hat.trained_tasks(model) == [0]
+    assert all(bool(m.hat_trained[0]) for m in convs)
+    before = eval_logits(model, x_probe, 0, forward)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the shared plain head is frozen for task 1, with a warning
+        train_task(model, optimizer, *digit_tasks[1][:2], 1, forward, epochs=1)
+    assert hat.trained_tasks(model) == [0, 1]
+    assert torch.equal(eval_logits(model, x_probe, 0, forward), before)

@@ -48,8 +48,8 @@ class MaskedLayer(HATMasked):
         task, scale = self._hat_selected()
         if task is None:
             return self._hat_mark(y, self.num_tasks)
-        if self._hat_defer:  # the task-indexed BatchNorm right after applies the mask
-            return self._hat_mark(y, task)
+        if self._hat_defer:  # the task-indexed BatchNorm right after applies the mask, and marks the probe
+            return y
         mask, marked = self._hat_mask_marked(task, scale, True)
         if not marked:
             y = self._hat_mark(y, task)

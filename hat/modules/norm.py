@@ -102,8 +102,11 @@ class _TaskIndexedBatchNorm(TaskTracked, nn.Module):
             return self._normalize_compiled(x, slot, mask)
         task, _ = self._hat_state
         slot = self._hat_slot(task)
-        mask = None if task is None else _sources_mask(self._hat_sources)
-        return self._normalize(x, slot, mask)
+        if task is None or not self._hat_sources:
+            return self._normalize(x, slot, None)
+        # the layers feeding this norm leave their masks (and their probes) to it
+        mask = _sources_mask(self._hat_sources, marking=True)
+        return self._normalize(x, slot, mask, mark=False)
 
     def _normalize_compiled(self, x: torch.Tensor, slot: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """``_normalize`` for a slot held in a 0-d tensor: the running statistics of the row are
@@ -142,7 +145,7 @@ class _TaskIndexedBatchNorm(TaskTracked, nn.Module):
                 return y
         return y if mask is None else y * mask.view(shape)
 
-    def _normalize(self, x: torch.Tensor, slot: int, mask: torch.Tensor | None) -> torch.Tensor:
+    def _normalize(self, x: torch.Tensor, slot: int, mask: torch.Tensor | None, mark: bool = True) -> torch.Tensor:
         self._check_input_dim(x)
         use_batch_stats = self.training or not self.track_running_stats
         factor = 0.0
@@ -154,7 +157,7 @@ class _TaskIndexedBatchNorm(TaskTracked, nn.Module):
                 factor = 1.0 / float(self.num_batches_tracked[slot]) if self.momentum is None else self.momentum
         weight = bias = None
         if self.affine:
-            weight, bias = rows(self, slot, self.weight, self.bias)
+            weight, bias = rows(self, slot, self.weight, self.bias, mark=mark)
             if mask is not None:
                 weight, bias = weight * mask, bias * mask
         y = F.batch_norm(x, running_mean, running_var, weight, bias, use_batch_stats, factor, self.eps)
@@ -347,11 +350,12 @@ class TaskIndexedLayerNorm(TaskTracked, nn.Module):
         return f"num_tasks={self.num_tasks}, {self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
 
 
-def _sources_mask(sources: tuple[Any, ...]) -> torch.Tensor | None:
-    """The union (elementwise max) of the current masks of ``sources``; None without sources."""
+def _sources_mask(sources: tuple[Any, ...], marking: bool = False) -> torch.Tensor | None:
+    """The union (elementwise max) of the current masks of ``sources``; None without sources.
+    ``marking`` (eager, a task selected): each mask reports the task to its layer's probe."""
     mask = None
     for src in sources:
-        m = src._hat_current_mask()
+        m = src._hat_current_mask_marking() if marking else src._hat_current_mask()
         mask = m if mask is None else torch.maximum(mask, m)
     return mask
 

@@ -48,3 +48,27 @@ def test_hard_mask_is_the_sign_of_the_embedding():
     assert torch.equal(layer.get_mask(0), torch.tensor([0.0, 0.0, 1.0, 1.0, 0.0]))
     out = layer(HATPayload(torch.randn(2, 3), task_id=0)).data
     assert torch.equal(out[:, [0, 1, 4]], torch.zeros(2, 3))
+
+
+def test_payload_conv_and_batchnorm_report_their_task_with_frozen_embeddings(digit_tasks):
+    # the norm folds the conv's pending mask and leaves the report to the conv; with frozen
+    # embeddings the conv reports through its output. Nothing else here reports a task.
+    import hat
+    from hat.modules import HATConv2d, TaskIndexedBatchNorm2d
+
+    torch.manual_seed(0)
+    cfg = HATConfig(num_tasks=2)
+    conv, norm = HATConv2d(1, 8, 3, cfg, padding=1), TaskIndexedBatchNorm2d(2, 8)
+    conv.task_embedding.requires_grad_(False)
+    head = torch.nn.Linear(8, 2)
+    model = torch.nn.ModuleList([conv, norm, head])
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    x, y = digit_tasks[0][0][:64], digit_tasks[0][1][:64]
+    for _ in range(3):
+        p = norm(conv(HATPayload(x, task_id=0, mask_scale=10.0))).forward_by(torch.nn.ReLU())
+        logits = head(p.data.mean((2, 3)))
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(logits, y).backward()
+        optimizer.step()
+    assert hat.trained_tasks(model) == [0]
+    assert bool(conv.hat_trained[0]) and bool(norm.hat_trained[0])

@@ -86,9 +86,11 @@ class _TaskIndexedBatchNorm(TaskTracked, nn.Module):
             slot = self._hat_slot(task)
             known = input._unit_mask is not None and input._unit_dim % input._raw.dim() == 1
             mask = input._unit_mask if known and task is not None else None
-            # a pending mask need not be applied first: folded into the affine, it acts after BN
-            x = input._raw if mask is not None and input._mask is not None else input.data
-            y = self._normalize(x, slot, mask)  # reports the slot to the probe
+            # a pending mask need not be applied first: folded into the affine, it acts after BN;
+            # the layer that made it has reported the task already, through the mask or its output
+            folded = mask is not None and input._mask is not None
+            x = input._raw if folded else input.data
+            y = self._normalize(x, slot, mask, mark=not folded)
             mask = input._unit_mask if known else None
             return input._derive(y, mask=None, unit_mask=mask, unit_dim=1, src=input._src, repeat=input._repeat)
         if _trace.ACTIVE is not None:

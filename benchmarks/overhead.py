@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import ctypes
+import resource
 import statistics
 import time
 
@@ -94,7 +95,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=200, help="timed pairs per measurement")
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--skip-timm", action="store_true", help="only the hand-built CNN (no timm needed)")
-    parser.add_argument("--timm-repeats", type=int, default=30, help="timed pairs for hat_resnet18s (slow steps)")
+    parser.add_argument("--timm-repeats", type=int, default=60, help="timed pairs for hat_resnet18s (slow steps)")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's heap trimming on (page faults then show in both models' steps)")
     parser.add_argument("--flush-denormal", action="store_true",
@@ -106,12 +107,13 @@ def main() -> None:
     n = args.repeats
     print(f"1 thread, allocator: {allocator}; medians of paired ratios HAT / plain")
     for fused in (False, True):
-        train, infer, control = cnn(fused, n, args.warmup)
+        train, infer, control, faults = cnn(fused, n, args.warmup)
         which = "AdamW(fused=True)" if fused else "AdamW (torch's default)"
         print(f"CNN train step, {which}, task 1 with task 0 protected: {train:.3f}x  ({n} pairs)")
         if not fused:
             print(f"CNN inference (hard mask, eval):                       {infer:.3f}x  ({n} pairs)")
             print(f"control, train step, plain copy / plain:               {control:.3f}x  ({n} pairs)")
+            print(f"page faults per train step (HAT, plain):               {faults[0]:.0f}, {faults[1]:.0f}")
     if not args.skip_timm:
         for fused in (False, True):
             resnet = timm_resnet(args.timm_repeats, 3, fused)
@@ -131,8 +133,9 @@ def steady_allocator() -> str:
     return "glibc, no heap trimming" if ok else "the platform's default (mallopt not available)"
 
 
-def cnn(fused: bool, repeats: int, warmup: int) -> tuple[float, float, float]:
-    """(train, inference, control) ratios for the hand-built CNN, from one set of starting weights."""
+def cnn(fused: bool, repeats: int, warmup: int) -> tuple[float, float, float, tuple[float, float]]:
+    """(train, inference, control) ratios for the hand-built CNN, from one set of starting weights,
+    and the page faults per train step of each model."""
     torch.manual_seed(0)
     plain = PlainCNN()
     hat_model = HATCNN(HATConfig(num_tasks=5))
@@ -185,7 +188,15 @@ def cnn(fused: bool, repeats: int, warmup: int) -> tuple[float, float, float]:
         opt_twin.step()
 
     control = paired(step_twin, step_plain, repeats, warmup)
-    return train, infer, control
+    return train, infer, control, (faults_per_call(step_hat), faults_per_call(step_plain))
+
+
+def faults_per_call(fn, calls: int = 20) -> float:
+    """Minor page faults per call of ``fn`` (memory the process had to map in again)."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
 
 
 def adamw(params, fused: bool) -> torch.optim.AdamW:

@@ -38,6 +38,13 @@ def main() -> None:
     t_zero = median_us(half_zero.sqrt)
     print(f"sqrt of 524288 positive floats:       {t_pos:8.0f} us")
     print(f"sqrt with half of them exactly 0:     {t_zero:8.0f} us  ({t_zero / t_pos:.1f}x)")
+    # the same arrays through numpy's sqrt, for comparison: a slow path here is torch's kernel
+    import numpy as np
+
+    a_pos, a_zero = positive.numpy(), half_zero.numpy()
+    n_pos = median_us(lambda: np.sqrt(a_pos))
+    n_zero = median_us(lambda: np.sqrt(a_zero))
+    print(f"numpy, positive / half zeros:         {n_pos:8.0f} / {n_zero:.0f} us  ({n_zero / n_pos:.1f}x)")
 
 
 if __name__ == "__main__":

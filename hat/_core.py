@@ -96,28 +96,23 @@ class _CompensatedSigmoid(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, e: torch.Tensor, scale: torch.Tensor, factor: float, clamp: float) -> torch.Tensor:
         # used where the scale is a 0-d tensor (compiled forwards); eager ones use _TaskMask
-        mask = torch.sigmoid(scale * e)
-        ctx.save_for_backward(e, mask, scale)
+        z = scale * e
+        mask = torch.sigmoid(z)
+        ctx.save_for_backward(e, z, mask)
         ctx.factor, ctx.clamp = factor, clamp
         return _flush(mask)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        e, mask, scale = ctx.saved_tensors
-        return _compensated(grad, e, mask, scale, ctx.factor, ctx.clamp), None, None, None
+        e, z, mask = ctx.saved_tensors
+        return _compensated(grad, e, z, mask, ctx.factor, ctx.clamp), None, None, None
 
 
-def _compensated(grad: torch.Tensor, e: torch.Tensor, mask: torch.Tensor, scale: Any, factor: float,
+def _compensated(grad: torch.Tensor, e: torch.Tensor, z: torch.Tensor, mask: torch.Tensor, factor: float,
                  clamp: float) -> torch.Tensor:
-    """The embedding gradient of ``mask = sigmoid(scale * e)`` with HAT's compensation (see
-    _CompensatedSigmoid)."""
-    return _compensated_z(grad, e, scale * e, mask, factor, clamp)
-
-
-def _compensated_z(grad: torch.Tensor, e: torch.Tensor, z: torch.Tensor, mask: torch.Tensor, factor: float,
-                   clamp: float) -> torch.Tensor:
-    """``_compensated`` given ``z = scale * e`` from the forward (fewer small ops: on a CPU each
-    costs more in dispatch than in arithmetic at mask sizes)."""
+    """The embedding gradient of ``mask = sigmoid(z)``, ``z = scale * e``, with HAT's compensation
+    (see _CompensatedSigmoid), from the forward's ``z`` and ``mask``: few small ops, since on a CPU
+    each costs more in dispatch than in arithmetic at mask sizes."""
     num = torch.cosh(z.clamp(-clamp, clamp)).add_(1)
     den = torch.cosh(e).add_(1)
     # sigmoid's own backward: grad * m * (1 - m), m from the forward as autograd would take it
@@ -187,7 +182,7 @@ class _TaskMask(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         e, z, mask = ctx.saved_tensors
         hot = None if ctx.probe_n is None else _one_hot(ctx.probe_n[0], ctx.task, ctx.probe_n[1], grad.device)
-        return _compensated_z(grad, e, z, mask, ctx.factor, ctx.clamp), None, None, None, None, hot
+        return _compensated(grad, e, z, mask, ctx.factor, ctx.clamp), None, None, None, None, hot
 
 
 def rows(module: Any, slot: Any, *params: torch.Tensor | None, mark: bool = True) -> tuple[Any, ...]:
@@ -195,16 +190,9 @@ def rows(module: Any, slot: Any, *params: torch.Tensor | None, mark: bool = True
     module's probe when grad is on (through the first row: every task-indexed layer uses it).
     ``mark=False``: a mask used in the same forward reports the slot already. Which tasks a step
     trains is collected over all modules of the optimizer, so one report per forward suffices."""
-    present = [p for p in params if p is not None]
-    if not mark and not isinstance(slot, torch.Tensor):
-        return tuple(None if p is None else p[slot] for p in params)
-    if isinstance(slot, torch.Tensor) or not present or not torch.is_grad_enabled():
-        got = [_row(p, slot) for p in present]
-        if isinstance(slot, torch.Tensor) and torch.is_grad_enabled() and got:
-            got[0] = module._hat_mark(got[0], slot)
-    else:
-        got = [p[slot] for p in present]  # torch's select: its backward needs no Python
-        got[0] = _Probe.apply(got[0], module._hat_probe, slot)
+    got = [_row(p, slot) for p in params if p is not None]  # torch's select: no Python in its backward
+    if mark and got:
+        got[0] = module._hat_mark(got[0], slot)
     it = iter(got)
     return tuple(None if p is None else next(it) for p in params)
 
@@ -515,20 +503,17 @@ class HATMasked(TaskTracked):
         mask = torch.where(scale > 0, soft, hard)
         return torch.where(task < self.num_tasks, mask, torch.ones_like(mask))
 
-    def _hat_current_mask(self) -> torch.Tensor | None:
-        """The mask of the task selected by ``hat.set_task`` (None: no task, no mask)."""
+    def _hat_current_mask(self, mark: bool = False) -> torch.Tensor | None:
+        """The mask of the task selected by ``hat.set_task`` (None: no task, no mask). ``mark``
+        (eager): the mask also reports the task to this layer's probe, for a layer whose mask the
+        BatchNorm after it applies and which leaves its own output unmarked."""
         if torch.compiler.is_compiling():
             return self._hat_mask_tensor(self.hat_task, self.hat_scale)
         task, scale = self._hat_selected()
-        return None if task is None else self._hat_mask(task, scale)
-
-    def _hat_current_mask_marking(self) -> torch.Tensor:
-        """Eager: the mask of the selected task (which must not be None), reporting the task to
-        this layer's probe. For a layer whose mask the BatchNorm after it applies: the layer
-        then leaves its own output unmarked, and the mask's node does it without a node of its own."""
-        task, scale = self._hat_selected()
-        mask, marked = self._hat_mask_marked(task, scale, True)
-        return mask if marked else self._hat_mark(mask, task)
+        if task is None:
+            return None
+        mask, marked = self._hat_mask_marked(task, scale, mark)
+        return self._hat_mark(mask, task) if mark and not marked else mask
 
     def used_units(self, tasks: torch.Tensor) -> torch.Tensor:
         """Units whose hard mask is on for any of ``tasks`` (bool ``[num_tasks]``): the binary

@@ -107,7 +107,7 @@ class _TaskIndexedBatchNorm(TaskTracked, nn.Module):
         if task is None or not self._hat_sources:
             return self._normalize(x, slot, None)
         # the layers feeding this norm leave their masks (and their probes) to it
-        mask = _sources_mask(self._hat_sources, marking=True)
+        mask = _sources_mask(self._hat_sources, mark=True)
         return self._normalize(x, slot, mask, mark=False)
 
     def _normalize_compiled(self, x: torch.Tensor, slot: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -352,12 +352,12 @@ class TaskIndexedLayerNorm(TaskTracked, nn.Module):
         return f"num_tasks={self.num_tasks}, {self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
 
 
-def _sources_mask(sources: tuple[Any, ...], marking: bool = False) -> torch.Tensor | None:
+def _sources_mask(sources: tuple[Any, ...], mark: bool = False) -> torch.Tensor | None:
     """The union (elementwise max) of the current masks of ``sources``; None without sources.
-    ``marking`` (eager, a task selected): each mask reports the task to its layer's probe."""
+    ``mark`` (eager): each mask reports the task to its layer's probe."""
     mask = None
     for src in sources:
-        m = src._hat_current_mask_marking() if marking else src._hat_current_mask()
+        m = src._hat_current_mask(mark)
         mask = m if mask is None else torch.maximum(mask, m)
     return mask
 

@@ -33,7 +33,9 @@ _LIVE: weakref.WeakSet[TaskTracked] = weakref.WeakSet()
 
 
 _FLUSH = 1e-6
-# Bumped whenever task embeddings may change outside an optimizer step (load, re-init).
+# Bumped whenever what a step protects may change other than by training a task: embeddings
+# changed outside an optimizer step (load, re-init), parameters moved or cast, a layer's input
+# link found. Caches of protected entries and of whole step plans are keyed by it.
 _MASK_GENERATION = [0]
 
 
@@ -243,6 +245,7 @@ class TaskTracked:
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         out = super()._apply(fn, recurse)  # type: ignore[misc]
         self._hat_ensure_hooks()  # a move to another device needs a probe there
+        _invalidate_masks()  # parameters may have a new dtype or device: masks and step plans too
         return out
 
     def _hat_mark(self, x: torch.Tensor, slot: Any) -> torch.Tensor:
@@ -532,9 +535,11 @@ class HATMasked(TaskTracked):
         old = self.__dict__.get("_hat_link")
         if old is None:
             self.__dict__["_hat_link"] = link
+            _invalidate_masks()  # the protected inputs of this layer are now known
         elif old is not UNKNOWN and (link is UNKNOWN or len(old[0]) != len(link[0])
                                      or any(a is not b for a, b in zip(old[0], link[0])) or old[1] != link[1]):
             self.__dict__["_hat_link"] = UNKNOWN
+            _invalidate_masks()
 
     def _hat_masked_payload(self, payload: HATPayload, y: torch.Tensor, task: int | None, scale: float | None) -> HATPayload:
         if task is None:

@@ -26,7 +26,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from hat._checks import check_task_id
-from hat._core import HATMasked, TaskTracked, live_modules, task_modules
+from hat._core import _MASK_GENERATION, HATMasked, TaskTracked, live_modules, task_modules
 from hat._errors import HATValueError
 
 __all__ = ["mark_trained", "trained_tasks", "condition_gradients", "install"]
@@ -47,60 +47,107 @@ def _set_plain_used(p: torch.Tensor, used: list[bool]) -> None:
 
 
 @dataclass
-class _Plan:
-    key: tuple[int, ...]
-    modules: list[TaskTracked]
-    plain: list[nn.Parameter]
-    in_optimizer: set[int]
+class _Protection:
+    """What one step protects for one combination of training and protected tasks: the
+    parameters, their snapshot buffers and masks. Built once and reused for every step of a task
+    (rebuilt when ``_MASK_GENERATION`` moves), so that a step costs no Python per parameter."""
 
-
-@dataclass
-class _Pending:
-    """What the post-step hook must do for one optimizer step."""
-
-    modules: list[TaskTracked]
-    newly_trained: dict[int, list[int]]  # id(module) -> tasks to mark trained after the step
     whole: list[torch.Tensor] = field(default_factory=list)  # parameters restored whole
     whole_saved: list[torch.Tensor] = field(default_factory=list)
     part: list[torch.Tensor] = field(default_factory=list)  # parameters restored entry by entry
     part_saved: list[torch.Tensor] = field(default_factory=list)
     part_protect: list[torch.Tensor] = field(default_factory=list)
-
-    grads: list[torch.Tensor] = field(default_factory=list)  # gradients conditioned before the step
-    grad_keep: list[torch.Tensor] = field(default_factory=list)
+    conditioned: list[torch.Tensor] = field(default_factory=list)  # parameters whose gradient HAT conditions
+    keep: list[torch.Tensor] = field(default_factory=list)
+    # task embeddings, grouped by their config's attn_clamp (clamped after every step)
+    clamps: list[tuple[float, list[torch.Tensor]]] = field(default_factory=list)
 
     def add(self, optimizer: Any, p: torch.Tensor, split: Any, condition: bool = False) -> None:
-        if condition and p.grad is not None:
+        if condition:
             # HAT's conditioning (the gradient of protected entries is 0), so that momentum and
             # Adam's moments do not build up on entries the step may not change
-            self.grads.append(p.grad)
-            self.grad_keep.append(split[1])
+            self.conditioned.append(p)
+            self.keep.append(split[1])
         buf = _buffer(optimizer, p)
         if split is None:
-            self.whole.append(p.detach())
+            self.whole.append(p)
             self.whole_saved.append(buf)
         else:
-            self.part.append(p.detach())
+            self.part.append(p)
             self.part_saved.append(buf)
             self.part_protect.append(split[0])
 
+
+@dataclass
+class _Plan:
+    key: tuple[int, ...]
+    modules: list[TaskTracked]
+    plain: list[nn.Parameter]
+    in_optimizer: set[int]
+    protections: dict[Any, _Protection] = field(default_factory=dict)
+
+    def protection(self, optimizer: Any, training: dict[int, set[int]], protected: dict[int, frozenset[int]]) -> _Protection:
+        key = (_MASK_GENERATION[0], tuple((n, frozenset(training[n]), protected[n]) for n in sorted(training)))
+        got = self.protections.get(key)
+        if got is None:
+            if len(self.protections) > 16:
+                self.protections.clear()
+            got = self.protections[key] = _Protection()
+            for _, p, split, condition in _protected_entries(self.modules, training, protected):
+                if id(p) in self.in_optimizer:
+                    got.add(optimizer, p, split, condition)
+            by_clamp: dict[float, list[torch.Tensor]] = {}
+            for m in self.modules:
+                if isinstance(m, HATMasked):
+                    by_clamp.setdefault(m.hat_config.attn_clamp, []).append(m.task_embedding)
+            got.clamps = list(by_clamp.items())
+        return got
+
+
+@dataclass
+class _Pending:
+    """What the post-step hook must do for one optimizer step. The tensors are the parameters
+    themselves: the hooks run under no_grad, where in-place foreach ops on them are allowed."""
+
+    modules: list[TaskTracked]
+    newly_trained: dict[int, list[int]]  # id(module) -> tasks to mark trained after the step
+    protection: _Protection
+    plain: list[torch.Tensor] = field(default_factory=list)  # plain parameters restored whole this step
+    plain_saved: list[torch.Tensor] = field(default_factory=list)
+
+    def add(self, optimizer: Any, p: torch.Tensor, split: None) -> None:
+        self.plain.append(p)
+        self.plain_saved.append(_buffer(optimizer, p))
+
     def snapshot(self) -> None:
         # multi-tensor ops: one call for all parameters instead of a few per parameter
-        if self.grads:
-            torch._foreach_mul_(self.grads, self.grad_keep)
-        if self.whole:
-            torch._foreach_copy_(self.whole_saved, self.whole)
-        if self.part:
-            torch._foreach_copy_(self.part_saved, self.part)
+        pr = self.protection
+        grads, keep = [], []
+        for p, k in zip(pr.conditioned, pr.keep):
+            if p.grad is not None:
+                grads.append(p.grad)
+                keep.append(k)
+        if grads:
+            torch._foreach_mul_(grads, keep)
+        whole, saved = pr.whole + self.plain, pr.whole_saved + self.plain_saved
+        if whole:
+            torch._foreach_copy_(saved, whole)
+        if pr.part:
+            torch._foreach_copy_(pr.part_saved, pr.part)
 
     def restore(self) -> None:
-        if self.whole:
-            torch._foreach_copy_(self.whole, self.whole_saved)
-        if self.part:
+        pr = self.protection
+        for clamp, embeddings in pr.clamps:
+            torch._foreach_clamp_min_(embeddings, -clamp)
+            torch._foreach_clamp_max_(embeddings, clamp)
+        whole, saved = pr.whole + self.plain, pr.whole_saved + self.plain_saved
+        if whole:
+            torch._foreach_copy_(whole, saved)
+        if pr.part:
             # lerp(p, old, protect): torch computes p + w * (old - p) for w < 0.5 and
             # old - (old - p) * (1 - w) otherwise, so a 0/1 weight gives p or old exactly, in
             # one pass over the parameter (a multiply and an addcmul took two)
-            torch._foreach_lerp_(self.part, self.part_saved, self.part_protect)
+            torch._foreach_lerp_(pr.part, pr.part_saved, pr.part_protect)
 
 
 _PLANS: weakref.WeakKeyDictionary[Any, _Plan] = weakref.WeakKeyDictionary()
@@ -143,11 +190,8 @@ def _pre_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     training, protected = _step_tasks(plan.modules)
     newly = {id(m): sorted(t for t in training[m.num_tasks] - m._hat_trained_set() if t < m.num_tasks)
              for m in plan.modules}
-    pending = _Pending(plan.modules, newly)
+    pending = _Pending(plan.modules, newly, plan.protection(optimizer, training, protected))
     _PENDING[optimizer] = pending
-    for _, p, split, condition in _protected_entries(plan.modules, training, protected):
-        if id(p) in plan.in_optimizer:
-            pending.add(optimizer, p, split, condition)
     if plan.plain:
         n = max(training)
         if training[n] != {n}:
@@ -186,7 +230,7 @@ def _read_latest(modules: list[TaskTracked]) -> None:
     reading = [m for m in modules if m._hat_step.latest is not None]
     if not reading:
         return
-    grads = [m._hat_step.latest.detach() for m in reading]
+    grads = [m._hat_step.latest for m in reading]
     device = grads[0].device
     if any(g.device != device for g in grads):
         grads = [g.to(device) for g in grads]
@@ -268,14 +312,7 @@ def _post_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None
     if pending is None:
         return
     with torch.no_grad():
-        by_clamp: dict[float, list[torch.Tensor]] = {}
-        for m in pending.modules:
-            if isinstance(m, HATMasked):
-                by_clamp.setdefault(m.hat_config.attn_clamp, []).append(m.task_embedding)
-        for clamp, embeddings in by_clamp.items():
-            torch._foreach_clamp_min_(embeddings, -clamp)
-            torch._foreach_clamp_max_(embeddings, clamp)
-        pending.restore()
+        pending.restore()  # clamps the embeddings, then puts protected entries back
         for m in pending.modules:
             m._hat_end_step(pending.newly_trained[id(m)])
 

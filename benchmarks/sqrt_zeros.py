@@ -2,9 +2,11 @@
 
     python benchmarks/sqrt_zeros.py
 
-Adam and AdamW take ``exp_avg_sq.sqrt()`` every step. HAT zeroes the gradients of protected
-entries and of units that a task's mask switches off, so about half of ``exp_avg_sq`` is exactly
-0 in a HAT network, and the same optimizer step then costs more than in the plain network. This
+Adam and AdamW take ``exp_avg_sq.sqrt()`` every step. A task's mask switches units off exactly,
+so the weights connecting units that no task has used yet get exactly zero gradients, and about
+half of ``exp_avg_sq`` is exactly 0 in a HAT network (entries of earlier tasks are not: they had
+gradients while their task trained); the same optimizer step then costs more than in the plain
+network. This
 is PyTorch's kernel on this machine, not HAT's code; it is part of what
 ``benchmarks/overhead.py`` measures.
 """

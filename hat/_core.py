@@ -354,11 +354,11 @@ class TaskTracked:
         """The protected entries of a unit-protected parameter, None when there are none.
 
         Cached: they depend only on the embedding rows of protected tasks, which no step can
-        change, and on this layer's input link. Loading a state_dict or re-initialising
-        embeddings anywhere invalidates every cache (``_invalidate_masks``)."""
+        change, and on this layer's input link. Loading a state_dict, re-initialising embeddings,
+        a cast or move and a change of input link invalidate every cache (``_invalidate_masks``)."""
         cache = self.__dict__.setdefault("_hat_mask_cache", {})
         param = self._parameters[name]
-        key = (name, protected, _MASK_GENERATION[0], id(param), param.dtype, param.device, self._hat_link_key())
+        key = (name, protected, _MASK_GENERATION[0], id(param))
         if key not in cache:
             if len(cache) > 32:
                 cache.clear()
@@ -371,8 +371,6 @@ class TaskTracked:
     def _hat_unit_mask(self, name: str, protected: torch.Tensor) -> torch.Tensor | None:
         return None
 
-    def _hat_link_key(self) -> Any:
-        return None
 
     def _hat_end_step(self, newly_trained: list[int]) -> None:
         """After an optimizer step: record newly trained tasks and start a new step."""
@@ -551,9 +549,6 @@ class HATMasked(TaskTracked):
         return payload._derive(y, mask=mask, unit_mask=mask, unit_dim=self.mask_dim, src=self)
 
     # -- conditioning --------------------------------------------------------------------
-    def _hat_link_key(self) -> Any:
-        link = self.__dict__.get("_hat_link")
-        return link if link is None or link is UNKNOWN else (tuple(id(s) for s in link[0]), link[1])
 
     def _hat_input_used(self, protected: torch.Tensor, in_units: int) -> torch.Tensor | None:
         """The input units used by the protected tasks (the union over every HAT layer whose

@@ -115,7 +115,7 @@ class _Pending:
     plain: list[torch.Tensor] = field(default_factory=list)  # plain parameters restored whole this step
     plain_saved: list[torch.Tensor] = field(default_factory=list)
 
-    def add(self, optimizer: Any, p: torch.Tensor, split: None) -> None:
+    def add_whole(self, optimizer: Any, p: torch.Tensor) -> None:
         self.plain.append(p)
         self.plain_saved.append(_buffer(optimizer, p))
 
@@ -271,7 +271,7 @@ def _protect_plain(optimizer: Any, plain: list[nn.Parameter], num_tasks: int, no
             assumed.append(p)
         has_grad = bool(now) and p.grad is not None and bool(p.grad.any())
         if used is not None and any(used[t] for t in protected):
-            pending.add(optimizer, p, None)
+            pending.add_whole(optimizer, p)
             if has_grad and id(p) not in _WARNED_BLOCKED:
                 _WARNED_BLOCKED.add(id(p))
                 blocked.append(p)

@@ -121,6 +121,105 @@ def _compensated(grad: torch.Tensor, e: torch.Tensor, z: torch.Tensor, mask: tor
     return torch.ops.aten.sigmoid_backward(grad, mask).mul_(num).div_(den).mul_(factor)
 
 
+class _GroupMask(torch.autograd.Function):
+    """The soft masks of several layers (one row ``e_i = E_i[t]`` each, one config) in one
+    autograd node: ``flush(sigmoid(s * e_i))`` forward; backward HAT's compensated gradient for
+    each row whose mask got a gradient, and the one-hot at ``t`` for that layer's probe.
+
+    Its tensors are kept as attributes, not saved tensors, so that the node may run backward
+    more than once: the masks are reused by every forward until an embedding changes (gradient
+    accumulation, checkpointed segments recomputed inside a backward)."""
+
+    @staticmethod
+    def forward(ctx: Any, task: int, scale: float, factor: float, clamp: float, n: int,
+                *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        rows, probes = tensors[:n], tensors[n:]
+        e = torch.cat(rows) if n > 1 else rows[0]
+        z = e * scale
+        mask = torch.sigmoid(z)
+        ctx.e, ctx.z, ctx.mask = e, z, mask
+        ctx.sizes = [r.shape[0] for r in rows]
+        ctx.task, ctx.factor, ctx.clamp = task, factor, clamp
+        ctx.probes = [(p.shape[0], p.dtype) for p in probes]
+        ctx.set_materialize_grads(False)  # a layer not used by this forward gets no gradient at all
+        flushed = _flush(mask)
+        return tuple(flushed.split(ctx.sizes)) if n > 1 else (flushed,)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[Any, ...]:
+        used = [g is not None for g in grads]
+        none: list[None] = [None] * len(grads)
+        if not any(used):
+            return (None,) * 5 + tuple(none) + tuple(none)
+        e = ctx.e
+        if len(grads) > 1:
+            grad = torch.cat([g if g is not None else e.new_zeros(size) for g, size in zip(grads, ctx.sizes)])
+        else:
+            grad = grads[0]
+        rows = _compensated(grad, e, ctx.z, ctx.mask, ctx.factor, ctx.clamp)
+        split = rows.split(ctx.sizes) if len(grads) > 1 else (rows,)
+        row_grads = [r if u else None for r, u in zip(split, used)]
+        hots = [_one_hot(n, ctx.task, dtype, grad.device) if u else None for (n, dtype), u in zip(ctx.probes, used)]
+        return (None,) * 5 + tuple(row_grads) + tuple(hots)
+
+
+class _MaskGroup:
+    """The HAT layers built with one HATConfig object (those that asked for a mask), whose soft
+    masks for a (task, scale) are computed together in one ``_GroupMask`` node and reused until
+    an embedding changes: one node and a few ops per forward instead of a dozen per layer, which
+    on a CPU cost more in dispatch than in arithmetic."""
+
+    __slots__ = ("entries", "members")
+
+    def __init__(self) -> None:
+        self.members: list[weakref.ref] = []
+        # (task, scale, dtype, device) -> (position by id(module), embeddings, their stamps, masks)
+        self.entries: dict[tuple[Any, ...], tuple[dict[int, int], list[torch.Tensor], list[Any], tuple[torch.Tensor, ...]]] = {}
+
+    def mask(self, module: HATMasked, task: int, scale: float) -> torch.Tensor:
+        emb = module.task_embedding
+        key = (task, scale, emb.dtype, emb.device)
+        entry = self.entries.get(key)
+        if entry is not None:
+            i = entry[0].get(id(module))
+            # an embedding changed in place (a step, a load) or was replaced: compute anew
+            if i is not None and entry[1][i] is emb and entry[2][i] == (emb._version, emb.data_ptr()):
+                return entry[3][i]
+        return self._compute(module, key)
+
+    def _compute(self, module: HATMasked, key: tuple[Any, ...]) -> torch.Tensor:
+        task, scale, dtype, device = key
+        cfg = module.hat_config
+        refs = [r for r in self.members if r() is not None]
+        if not any(r() is module for r in refs):
+            entries = self.entries  # a layer that dies takes the cached graph (and its embedding) along
+            refs.append(weakref.ref(module, lambda _r: entries.clear()))
+        self.members = refs
+        live = [m for m in (r() for r in refs) if m is not None]
+        chosen = [m for m in live if m.hat_config is cfg and task < m.num_tasks and m.task_embedding.requires_grad
+                  and m.task_embedding.dtype == dtype and m.task_embedding.device == device]
+        embs = [m.task_embedding for m in chosen]
+        masks = _GroupMask.apply(task, scale, cfg.grad_comp_factor, cfg.grad_comp_clamp, len(chosen),
+                                 *[e[task] for e in embs], *[m._hat_probe for m in chosen])
+        if len(self.entries) >= 8:
+            self.entries.clear()
+        self.entries[key] = ({id(m): i for i, m in enumerate(chosen)}, embs,
+                             [(e._version, e.data_ptr()) for e in embs], masks)
+        return masks[next(i for i, m in enumerate(chosen) if m is module)]
+
+
+# id(HATConfig) -> (weakref to it, its layers' mask group); configs are mutable, so not hashable
+_GROUPS: dict[int, tuple[weakref.ref, _MaskGroup]] = {}
+
+
+def _group_of(cfg: HATConfig) -> _MaskGroup:
+    key = id(cfg)
+    got = _GROUPS.get(key)
+    if got is None or got[0]() is not cfg:
+        got = _GROUPS[key] = (weakref.ref(cfg, lambda _r, _k=key: _GROUPS.pop(_k, None)), _MaskGroup())
+    return got[1]
+
+
 def _one_hot(n: int, slot: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A cached one-hot, never written to: autograd copies a gradient that something else still
     references instead of adopting it, and the probe's hook drops each gradient it reads."""
@@ -166,8 +265,9 @@ class _Probe(torch.autograd.Function):
 
 class _TaskMask(torch.autograd.Function):
     """``flush(sigmoid(s * e))`` for the row ``e = E[t]`` in one autograd node: gate, HAT's
-    compensated gradient and, when ``probe`` is given, the probe's one-hot at ``t`` (eager
-    forwards; an int ``t``). The row is selected outside, by torch's own select, whose backward
+    compensated gradient and, when ``probe`` is given, the probe's one-hot at ``t`` (one layer's
+    mask on its own: ``get_mask``, the regularizer, traced payload forwards; an int ``t``; a
+    training forward takes ``_GroupMask``). The row is selected outside, by torch's own select, whose backward
     writes it into ``E``'s gradient without Python."""
 
     @staticmethod
@@ -471,6 +571,8 @@ class HATMasked(TaskTracked):
         if not (emb.requires_grad and torch.is_grad_enabled()):
             return _flush(cfg.gate(scale * emb[task])), False
         if cfg.gate is torch.sigmoid:
+            if mark and not torch.compiler.is_compiling():
+                return _group_of(cfg).mask(self, task, scale), True
             probe = self._hat_probe if mark else None
             return _TaskMask.apply(emb[task], task, scale, cfg.grad_comp_factor, cfg.grad_comp_clamp, probe), mark
         return self._hat_generic_gate(emb[task], scale), False

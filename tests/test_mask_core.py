@@ -72,3 +72,107 @@ def test_payload_conv_and_batchnorm_report_their_task_with_frozen_embeddings(dig
         optimizer.step()
     assert hat.trained_tasks(model) == [0]
     assert bool(conv.hat_trained[0]) and bool(norm.hat_trained[0])
+
+
+class _TwoLayers(torch.nn.Module):
+    def __init__(self, cfg: HATConfig) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = HATLinear(6, 16, cfg), HATLinear(16, 5, cfg)
+
+    def forward(self, p: HATPayload) -> HATPayload:
+        return self.fc2(self.fc1(p).forward_by(torch.nn.ReLU()))
+
+
+def _by_hand(model: _TwoLayers, x: torch.Tensor, task: int, scale: float) -> torch.Tensor:
+    """The same forward with each layer's mask taken on its own (``get_mask``: one node per layer)."""
+    fc1, fc2 = model.fc1, model.fc2
+    h = torch.relu(torch.nn.functional.linear(x, fc1.weight, fc1.bias) * fc1.get_mask(task, scale))
+    return torch.nn.functional.linear(h, fc2.weight, fc2.bias) * fc2.get_mask(task, scale)
+
+
+def test_the_masks_of_a_forward_are_computed_together_with_each_layers_own_gradient():
+    """A training forward computes the soft masks of all layers of one config in one node; values
+    and gradients are those of each layer's own mask."""
+    import copy
+
+    torch.manual_seed(0)
+    model = _TwoLayers(HATConfig(num_tasks=3)).double()
+    twin = copy.deepcopy(model)
+    x, w = torch.randn(7, 6, dtype=torch.float64), torch.randn(7, 5, dtype=torch.float64)
+    out = model(HATPayload(x, task_id=1, mask_scale=25.0)).data
+    ref = _by_hand(twin, x, 1, 25.0)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=0)
+    (out * w).sum().backward()
+    (ref * w).sum().backward()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-300, msg=name)
+    assert torch.count_nonzero(model.fc1.task_embedding.grad[[0, 2]]) == 0
+
+
+def test_shared_masks_are_reused_until_an_embedding_changes():
+    torch.manual_seed(0)
+    model = _TwoLayers(HATConfig(num_tasks=2)).double()
+    x = torch.randn(4, 6, dtype=torch.float64)
+
+    def loss() -> torch.Tensor:
+        return model(HATPayload(x, task_id=0, mask_scale=10.0)).data.square().sum()
+
+    loss().backward()
+    once = [p.grad.clone() for p in model.parameters()]
+    loss().backward()  # accumulating over two backwards reuses the masks: no "backward twice" error
+    for p, g in zip(model.parameters(), once):
+        torch.testing.assert_close(p.grad, 2 * g)
+    with torch.no_grad():
+        model.fc2.task_embedding.mul_(-1.0)  # changed in place, no optimizer step: the masks follow
+        expected = _by_hand(model, x, 0, 10.0).square().sum()
+    assert loss().item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+def test_a_layer_not_in_a_forward_gets_no_gradient():
+    torch.manual_seed(0)
+    model = _TwoLayers(HATConfig(num_tasks=2))
+    x = torch.randn(4, 6)
+    model(HATPayload(x, task_id=1, mask_scale=10.0)).data.sum().backward()  # both layers share one node now
+    model.zero_grad(set_to_none=True)
+    model.fc1(HATPayload(x, task_id=1, mask_scale=10.0)).data.sum().backward()
+    assert model.fc1.task_embedding.grad is not None
+    assert model.fc2.task_embedding.grad is None and model.fc2.weight.grad is None
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_checkpointed_segments_get_the_gradients_of_a_plain_backward(reentrant):
+    """Recomputed inside the backward (torch.utils.checkpoint, both kinds), a segment reuses the
+    forward's masks; reentrant recomputation runs the shared mask node's backward again."""
+    import copy
+
+    from torch.utils.checkpoint import checkpoint
+
+    import hat
+
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 3))
+    model = hat.convert(plain, HATConfig(num_tasks=2)).double()
+    twin = copy.deepcopy(model)
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=reentrant)
+    for m in (model, twin):
+        hat.set_task(m, 1, mask_scale=20.0)
+    head = checkpoint(model[:2], x, use_reentrant=reentrant)
+    model[2:](head).square().sum().backward()
+    twin(x.detach()).square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert p.grad is not None, name
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-300, msg=name)
+
+
+def test_a_deleted_model_is_freed_though_its_config_lives_on():
+    import gc
+    import weakref
+
+    cfg = HATConfig(num_tasks=2)  # kept, as a module-level config would be
+    model = _TwoLayers(cfg)
+    model(HATPayload(torch.randn(3, 6), task_id=0, mask_scale=5.0)).data.sum().backward()
+    embedding = weakref.ref(model.fc1.task_embedding)
+    del model
+    gc.collect()
+    assert embedding() is None

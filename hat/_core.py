@@ -163,6 +163,28 @@ class _GroupMask(torch.autograd.Function):
         return (None,) * 5 + tuple(row_grads) + tuple(hots)
 
 
+class _Entry:
+    """The masks of one (task, scale) of a group, with what they were computed from."""
+
+    __slots__ = ("embeddings", "index", "masks", "served", "stamps")
+
+    def __init__(self, chosen: list[HATMasked], masks: tuple[torch.Tensor, ...]) -> None:
+        self.index = {id(m): i for i, m in enumerate(chosen)}  # position by id(module)
+        self.embeddings = [m.task_embedding for m in chosen]
+        self.stamps = [(e._version, e.data_ptr()) for e in self.embeddings]
+        self.masks = masks
+        self.served: set[int] = set()  # positions whose layer took its mask in a forward
+
+    def get(self, module: HATMasked) -> int | None:
+        """The position of ``module``'s mask, while its embedding is the one the mask came from:
+        one changed in place (a step, a load) or replaced makes the entry stale."""
+        i = self.index.get(id(module))
+        emb = module.task_embedding
+        if i is None or self.embeddings[i] is not emb or self.stamps[i] != (emb._version, emb.data_ptr()):
+            return None
+        return i
+
+
 class _MaskGroup:
     """The HAT layers built with one HATConfig object (those that asked for a mask), whose soft
     masks for a (task, scale) are computed together in one ``_GroupMask`` node and reused until
@@ -173,21 +195,35 @@ class _MaskGroup:
 
     def __init__(self) -> None:
         self.members: list[weakref.ref] = []
-        # (task, scale, dtype, device) -> (position by id(module), embeddings, their stamps, masks)
-        self.entries: dict[tuple[Any, ...], tuple[dict[int, int], list[torch.Tensor], list[Any], tuple[torch.Tensor, ...]]] = {}
+        self.entries: dict[tuple[Any, ...], _Entry] = {}  # by (task, scale, dtype, device)
 
     def mask(self, module: HATMasked, task: int, scale: float) -> torch.Tensor:
         emb = module.task_embedding
         key = (task, scale, emb.dtype, emb.device)
         entry = self.entries.get(key)
-        if entry is not None:
-            i = entry[0].get(id(module))
-            # an embedding changed in place (a step, a load) or was replaced: compute anew
-            if i is not None and entry[1][i] is emb and entry[2][i] == (emb._version, emb.data_ptr()):
-                return entry[3][i]
-        return self._compute(module, key)
+        i = None if entry is None else entry.get(module)
+        if entry is None or i is None:
+            entry = self._compute(module, key)
+            i = entry.index[id(module)]
+        entry.served.add(i)
+        return entry.masks[i]
 
-    def _compute(self, module: HATMasked, key: tuple[Any, ...]) -> torch.Tensor:
+    def served(self, layers: list[HATMasked], task: int, scale: float) -> list[torch.Tensor] | None:
+        """The masks that ``layers`` took in a forward from one current entry (so that their
+        probes report the task already); None where any did not."""
+        emb = layers[0].task_embedding
+        entry = self.entries.get((task, scale, emb.dtype, emb.device))
+        if entry is None:
+            return None
+        out = []
+        for m in layers:
+            i = entry.get(m)
+            if i is None or i not in entry.served:
+                return None
+            out.append(entry.masks[i])
+        return out
+
+    def _compute(self, module: HATMasked, key: tuple[Any, ...]) -> _Entry:
         task, scale, dtype, device = key
         cfg = module.hat_config
         refs = [r for r in self.members if r() is not None]
@@ -198,14 +234,12 @@ class _MaskGroup:
         live = [m for m in (r() for r in refs) if m is not None]
         chosen = [m for m in live if m.hat_config is cfg and task < m.num_tasks and m.task_embedding.requires_grad
                   and m.task_embedding.dtype == dtype and m.task_embedding.device == device]
-        embs = [m.task_embedding for m in chosen]
         masks = _GroupMask.apply(task, scale, cfg.grad_comp_factor, cfg.grad_comp_clamp, len(chosen),
-                                 *[e[task] for e in embs], *[m._hat_probe for m in chosen])
+                                 *[m.task_embedding[task] for m in chosen], *[m._hat_probe for m in chosen])
         if len(self.entries) >= 8:
             self.entries.clear()
-        self.entries[key] = ({id(m): i for i, m in enumerate(chosen)}, embs,
-                             [(e._version, e.data_ptr()) for e in embs], masks)
-        return masks[next(i for i, m in enumerate(chosen) if m is module)]
+        entry = self.entries[key] = _Entry(chosen, masks)
+        return entry
 
 
 # id(HATConfig) -> (weakref to it, its layers' mask group); configs are mutable, so not hashable

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import numbers
 import warnings
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from hat._checks import check_mask_scale, check_task_id, check_positive
-from hat._core import HATMasked
+from hat._core import HATMasked, _group_of
 from hat._errors import HATTypeError, HATValueError
 
 __all__ = [
@@ -49,6 +50,9 @@ def get_hat_reg_term(module: nn.Module, strat: RegStrategy = "uniform", task_id:
         return torch.zeros(())
     task = check_task_id(task_id, layers[0].num_tasks, allow_none=False)
     scale = check_mask_scale(mask_scale)
+    fast = _reg_from_forward(layers, task, scale, strat, forgive_quota)
+    if fast is not None:
+        return fast
     used_terms, free_terms = [], []
     for layer in layers:
         mask = layer._hat_mask(task, scale)
@@ -64,6 +68,59 @@ def get_hat_reg_term(module: nn.Module, strat: RegStrategy = "uniform", task_id:
     if strat == "paper":
         return used_t.sum() / free_t.sum().clamp_min(1)
     return (used_t / free_t.clamp_min(1)).mean()
+
+
+def _reg_from_forward(layers: list[HATMasked], task: int, scale: float | None, strat: str,
+                      forgive_quota: bool) -> torch.Tensor | None:
+    """``get_hat_reg_term`` from the masks the training forward just took (one node for all
+    layers of a config), in a few ops for the whole model instead of a dozen per layer; None
+    where that forward did not take them all (then each layer computes its own)."""
+    if scale is None or not torch.is_grad_enabled():
+        return None
+    cfg = layers[0].hat_config
+    if cfg.gate is not torch.sigmoid or any(m.hat_config is not cfg for m in layers):
+        return None
+    masks = _group_of(cfg).served(layers, task, scale)
+    if masks is None:
+        return None
+    trained = layers[0]._hat_trained_set()
+    if any(m._hat_trained_set() != trained for m in layers):
+        return None
+    mask = torch.cat(masks) if len(masks) > 1 else masks[0]
+    segments, quota = _segments(tuple(m.numel() for m in masks), layers[0].num_tasks, mask.dtype, mask.device)
+    with torch.no_grad():
+        others = tuple(sorted(trained - {task}))
+        if others:
+            rows = torch.cat([m.task_embedding for m in layers], dim=1)
+            if len(others) < rows.shape[0]:
+                rows = rows.index_select(0, _index(others, rows.device))
+            free = (rows.amax(0) <= 0).to(mask.dtype)  # units no other trained task uses
+        else:
+            free = torch.ones_like(mask)
+        free_per_layer = segments.mv(free)
+    used = segments.mv(mask * free)  # per layer: sum of the mask over its free units
+    if strat == "paper":
+        return used.sum() / free_per_layer.sum().clamp_min(1)
+    if forgive_quota:
+        used = (used - quota).clamp_min(0)
+    return (used / free_per_layer.clamp_min(1)).mean()
+
+
+@functools.lru_cache(maxsize=64)
+def _index(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, device=device)
+
+
+@functools.lru_cache(maxsize=32)
+def _segments(sizes: tuple[int, ...], num_tasks: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 0/1 ``[layers, units]`` matrix that sums the units of each layer, and each layer's
+    quota of units per task."""
+    segments = torch.zeros(len(sizes), sum(sizes), dtype=dtype, device=device)
+    start = 0
+    for i, n in enumerate(sizes):
+        segments[i, start:start + n] = 1
+        start += n
+    return segments, torch.tensor(sizes, dtype=dtype, device=device) / num_tasks
 
 
 def get_hat_mask_scale(strat: ScaleStrategy, max_trn_mask_scale: float, progress: float) -> float:

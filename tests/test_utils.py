@@ -232,3 +232,51 @@ def test_reg_term_matches_the_mask_a_forward_uses():
     mask = p.data / nn.Linear.forward(model[0], torch.ones(1, 3))
     reg = get_hat_reg_term(nn.Sequential(model[0]), "paper", 1, scale)
     assert reg.item() == pytest.approx(mask.sum().item() / 4, rel=1e-5)
+
+
+@pytest.mark.parametrize("strat, forgive", CASES)
+def test_reg_term_after_a_training_forward_equals_the_per_layer_one(strat, forgive):
+    """After a training forward, the regularizer reuses that forward's masks (one node for the
+    model): same value and same embedding gradients as each layer computing its own."""
+    import copy
+
+    torch.manual_seed(0)
+    cfg = HATConfig(num_tasks=10)  # a small quota per task: the forgiven part leaves some regularizer
+    model = nn.Sequential(HATLinear(5, 12, cfg), nn.ReLU(), HATLinear(12, 7, cfg)).double()
+    hat.mark_trained(model, 3)
+    twin = copy.deepcopy(model)  # a config of its own: no forward has taken its masks
+    x = torch.randn(3, 5, dtype=torch.float64)
+
+    def forward(m: nn.Module) -> torch.Tensor:
+        p = HATPayload(x, task_id=1, mask_scale=4.0)
+        return m[2](m[0](p).forward_by(m[1])).data.sum()
+
+    forward(model)  # layers join their config's group at their first forward; from the next one on, one node
+    regs = []
+    for m, reg_first in ((model, False), (twin, True)):
+        if reg_first:  # before the forward: each layer computes its own mask
+            reg = get_hat_reg_term(m, strat=strat, task_id=1, mask_scale=4.0, forgive_quota=forgive)
+            out = forward(m)
+        else:
+            out = forward(m)
+            reg = get_hat_reg_term(m, strat=strat, task_id=1, mask_scale=4.0, forgive_quota=forgive)
+            assert {"_GroupMaskBackward"} <= _node_names(reg) and "_TaskMaskBackward" not in _node_names(reg)
+        (out + 10 * reg).backward()
+        regs.append(reg)
+    assert regs[0].item() > 0
+    torch.testing.assert_close(regs[0], regs[1], rtol=1e-12, atol=1e-15)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-14)
+
+
+def _node_names(t: torch.Tensor) -> set[str]:
+    """The names of the autograd nodes ``t`` was computed through."""
+    seen, todo, names = set(), [t.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo.extend(n for n, _ in node.next_functions)
+    return names

@@ -87,7 +87,7 @@ def _reg_from_forward(layers: list[HATMasked], task: int, scale: float | None, s
     if any(m._hat_trained_set() != trained for m in layers):
         return None
     mask = torch.cat(masks) if len(masks) > 1 else masks[0]
-    segments, quota = _segments(tuple(m.numel() for m in masks), layers[0].num_tasks, mask.dtype, mask.device)
+    zeros, segment, quota = _segments(tuple(m.numel() for m in masks), layers[0].num_tasks, mask.dtype, mask.device)
     with torch.no_grad():
         others = tuple(sorted(trained - {task}))
         if others:
@@ -97,8 +97,8 @@ def _reg_from_forward(layers: list[HATMasked], task: int, scale: float | None, s
             free = (rows.amax(0) <= 0).to(mask.dtype)  # units no other trained task uses
         else:
             free = torch.ones_like(mask)
-        free_per_layer = segments.mv(free)
-    used = segments.mv(mask * free)  # per layer: sum of the mask over its free units
+        free_per_layer = zeros.index_add(0, segment, free)
+    used = zeros.index_add(0, segment, mask * free)  # per layer: the sum of its mask over its free units
     if strat == "paper":
         return used.sum() / free_per_layer.sum().clamp_min(1)
     if forgive_quota:
@@ -112,15 +112,13 @@ def _index(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=32)
-def _segments(sizes: tuple[int, ...], num_tasks: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A 0/1 ``[layers, units]`` matrix that sums the units of each layer, and each layer's
-    quota of units per task."""
-    segments = torch.zeros(len(sizes), sum(sizes), dtype=dtype, device=device)
-    start = 0
-    for i, n in enumerate(sizes):
-        segments[i, start:start + n] = 1
-        start += n
-    return segments, torch.tensor(sizes, dtype=dtype, device=device) / num_tasks
+def _segments(sizes: tuple[int, ...], num_tasks: int, dtype: torch.dtype,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For layers of ``sizes`` units laid end to end: zeros per layer (never written: index_add
+    out of place), each unit's layer, and each layer's quota of units per task."""
+    per_layer = torch.tensor(sizes, device=device)
+    segment = torch.repeat_interleave(torch.arange(len(sizes), device=device), per_layer)
+    return torch.zeros(len(sizes), dtype=dtype, device=device), segment, per_layer.to(dtype) / num_tasks
 
 
 def get_hat_mask_scale(strat: ScaleStrategy, max_trn_mask_scale: float, progress: float) -> float:

@@ -97,7 +97,7 @@ class _CompensatedSigmoid(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, e: torch.Tensor, scale: torch.Tensor, factor: float, clamp: float) -> torch.Tensor:
-        # used where the scale is a 0-d tensor (compiled forwards); eager ones use _TaskMask
+        # used where the scale is a 0-d tensor (compiled forwards); eager ones use _GroupMask
         z = scale * e
         mask = torch.sigmoid(z)
         ctx.save_for_backward(e, z, mask)
@@ -122,9 +122,11 @@ def _compensated(grad: torch.Tensor, e: torch.Tensor, z: torch.Tensor, mask: tor
 
 
 class _GroupMask(torch.autograd.Function):
-    """The soft masks of several layers (one row ``e_i = E_i[t]`` each, one config) in one
+    """The soft masks of one or several layers (one row ``e_i = E_i[t]`` each, one config) in one
     autograd node: ``flush(sigmoid(s * e_i))`` forward; backward HAT's compensated gradient for
-    each row whose mask got a gradient, and the one-hot at ``t`` for that layer's probe.
+    each row whose mask got a gradient, and the one-hot at ``t`` for that layer's probe (probes
+    are optional: none, or one per row). The rows are selected outside, by torch's own select,
+    whose backward writes them into each ``E``'s gradient without Python.
 
     Its tensors are kept as attributes, not saved tensors, so that the node may run backward
     more than once: the masks are reused by every forward until an embedding changes (gradient
@@ -148,9 +150,8 @@ class _GroupMask(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[Any, ...]:
         used = [g is not None for g in grads]
-        none: list[None] = [None] * len(grads)
         if not any(used):
-            return (None,) * 5 + tuple(none) + tuple(none)
+            return (None,) * (5 + len(grads) + len(ctx.probes))
         e = ctx.e
         if len(grads) > 1:
             grad = torch.cat([g if g is not None else e.new_zeros(size) for g, size in zip(grads, ctx.sizes)])
@@ -159,7 +160,7 @@ class _GroupMask(torch.autograd.Function):
         rows = _compensated(grad, e, ctx.z, ctx.mask, ctx.factor, ctx.clamp)
         split = rows.split(ctx.sizes) if len(grads) > 1 else (rows,)
         row_grads = [r if u else None for r, u in zip(split, used)]
-        hots = [_one_hot(n, ctx.task, dtype, grad.device) if u else None for (n, dtype), u in zip(ctx.probes, used)]
+        hots = [_one_hot(n, ctx.task, dtype, grad.device) if u else None for (n, dtype), u in zip(ctx.probes, used)]  # [] without probes
         return (None,) * 5 + tuple(row_grads) + tuple(hots)
 
 
@@ -295,30 +296,6 @@ class _Probe(torch.autograd.Function):
         else:
             hot = _one_hot(ctx.n, ctx.slot, ctx.dtype, grad.device)
         return grad, hot, None
-
-
-class _TaskMask(torch.autograd.Function):
-    """``flush(sigmoid(s * e))`` for the row ``e = E[t]`` in one autograd node: gate, HAT's
-    compensated gradient and, when ``probe`` is given, the probe's one-hot at ``t`` (one layer's
-    mask on its own: ``get_mask``, the regularizer, traced payload forwards; an int ``t``; a
-    training forward takes ``_GroupMask``). The row is selected outside, by torch's own select, whose backward
-    writes it into ``E``'s gradient without Python."""
-
-    @staticmethod
-    def forward(ctx: Any, e: torch.Tensor, task: int, scale: float, factor: float, clamp: float,
-                probe: torch.Tensor | None) -> torch.Tensor:
-        z = e * scale
-        mask = torch.sigmoid(z)
-        ctx.save_for_backward(e, z, mask)
-        ctx.task, ctx.factor, ctx.clamp = task, factor, clamp
-        ctx.probe_n = None if probe is None else (probe.shape[0], probe.dtype)
-        return _flush(mask)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        e, z, mask = ctx.saved_tensors
-        hot = None if ctx.probe_n is None else _one_hot(ctx.probe_n[0], ctx.task, ctx.probe_n[1], grad.device)
-        return _compensated(grad, e, z, mask, ctx.factor, ctx.clamp), None, None, None, None, hot
 
 
 def rows(module: Any, slot: Any, *params: torch.Tensor | None, mark: bool = True) -> tuple[Any, ...]:
@@ -607,8 +584,9 @@ class HATMasked(TaskTracked):
         if cfg.gate is torch.sigmoid:
             if mark and not torch.compiler.is_compiling():
                 return _group_of(cfg).mask(self, task, scale), True
-            probe = self._hat_probe if mark else None
-            return _TaskMask.apply(emb[task], task, scale, cfg.grad_comp_factor, cfg.grad_comp_clamp, probe), mark
+            # one layer on its own: get_mask, the regularizer, traced payload forwards
+            probes = (self._hat_probe,) if mark else ()
+            return _GroupMask.apply(task, scale, cfg.grad_comp_factor, cfg.grad_comp_clamp, 1, emb[task], *probes)[0], mark
         return self._hat_generic_gate(emb[task], scale), False
 
     def _hat_generic_gate(self, e: torch.Tensor, scale: Any) -> torch.Tensor:

@@ -50,31 +50,29 @@ def get_hat_reg_term(module: nn.Module, strat: RegStrategy = "uniform", task_id:
         return torch.zeros(())
     task = check_task_id(task_id, layers[0].num_tasks, allow_none=False)
     scale = check_mask_scale(mask_scale)
-    fast = _reg_from_forward(layers, task, scale, strat, forgive_quota)
-    if fast is not None:
-        return fast
-    used_terms, free_terms = [], []
-    for layer in layers:
-        mask = layer._hat_mask(task, scale)
-        others = layer.hat_trained.clone()
-        others[task] = False
-        free = (~layer.used_units(others)).to(mask.dtype)
-        used = (mask * free).sum()
-        if strat == "uniform" and forgive_quota:
-            used = (used - mask.numel() / layer.num_tasks).clamp_min(0)
-        used_terms.append(used)
-        free_terms.append(free.sum())
-    used_t, free_t = torch.stack(used_terms), torch.stack(free_terms)
+    per_layer = _reg_from_forward(layers, task, scale)
+    if per_layer is None:  # each layer on its own
+        used_terms, free_terms = [], []
+        for layer in layers:
+            mask = layer._hat_mask(task, scale)
+            others = layer.hat_trained.clone()
+            others[task] = False
+            free = (~layer.used_units(others)).to(mask.dtype)
+            used_terms.append((mask * free).sum())
+            free_terms.append(free.sum())
+        per_layer = torch.stack(used_terms), torch.stack(free_terms)
+    used, free = per_layer
     if strat == "paper":
-        return used_t.sum() / free_t.sum().clamp_min(1)
-    return (used_t / free_t.clamp_min(1)).mean()
+        return used.sum() / free.sum().clamp_min(1)
+    if forgive_quota:
+        used = (used - _quota(tuple((m.task_embedding.shape[1], m.num_tasks) for m in layers), used.dtype, used.device)).clamp_min(0)
+    return (used / free.clamp_min(1)).mean()
 
 
-def _reg_from_forward(layers: list[HATMasked], task: int, scale: float | None, strat: str,
-                      forgive_quota: bool) -> torch.Tensor | None:
-    """``get_hat_reg_term`` from the masks the training forward just took (one node for all
-    layers of a config), in a few ops for the whole model instead of a dozen per layer; None
-    where that forward did not take them all (then each layer computes its own)."""
+def _reg_from_forward(layers: list[HATMasked], task: int, scale: float | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per layer, the mask summed over free units and the free units, from the masks the training
+    forward just took (one node for all layers of a config): a few ops for the whole model
+    instead of a dozen per layer. None where that forward did not take them all."""
     if scale is None or not torch.is_grad_enabled():
         return None
     cfg = layers[0].hat_config
@@ -87,23 +85,18 @@ def _reg_from_forward(layers: list[HATMasked], task: int, scale: float | None, s
     if any(m._hat_trained_set() != trained for m in layers):
         return None
     mask = torch.cat(masks) if len(masks) > 1 else masks[0]
-    zeros, segment, quota = _segments(tuple(m.numel() for m in masks), layers[0].num_tasks, mask.dtype, mask.device)
+    zeros, segment = _segments(tuple(m.numel() for m in masks), mask.dtype, mask.device)
     with torch.no_grad():
         others = tuple(sorted(trained - {task}))
         if others:
             rows = torch.cat([m.task_embedding for m in layers], dim=1)
             if len(others) < rows.shape[0]:
                 rows = rows.index_select(0, _index(others, rows.device))
-            free = (rows.amax(0) <= 0).to(mask.dtype)  # units no other trained task uses
+            free = (rows.amax(0) <= 0).to(mask.dtype)  # used_units, for all layers at once
         else:
             free = torch.ones_like(mask)
         free_per_layer = zeros.index_add(0, segment, free)
-    used = zeros.index_add(0, segment, mask * free)  # per layer: the sum of its mask over its free units
-    if strat == "paper":
-        return used.sum() / free_per_layer.sum().clamp_min(1)
-    if forgive_quota:
-        used = (used - quota).clamp_min(0)
-    return (used / free_per_layer.clamp_min(1)).mean()
+    return zeros.index_add(0, segment, mask * free), free_per_layer
 
 
 @functools.lru_cache(maxsize=64)
@@ -112,13 +105,17 @@ def _index(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=32)
-def _segments(sizes: tuple[int, ...], num_tasks: int, dtype: torch.dtype,
-              device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _segments(sizes: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """For layers of ``sizes`` units laid end to end: zeros per layer (never written: index_add
-    out of place), each unit's layer, and each layer's quota of units per task."""
-    per_layer = torch.tensor(sizes, device=device)
-    segment = torch.repeat_interleave(torch.arange(len(sizes), device=device), per_layer)
-    return torch.zeros(len(sizes), dtype=dtype, device=device), segment, per_layer.to(dtype) / num_tasks
+    out of place) and each unit's layer."""
+    segment = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
+    return torch.zeros(len(sizes), dtype=dtype, device=device), segment
+
+
+@functools.lru_cache(maxsize=32)
+def _quota(layers: tuple[tuple[int, int], ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Each layer's fair share of units per task, ``units / num_tasks``, from (units, num_tasks)."""
+    return torch.tensor([units / n for units, n in layers], dtype=dtype, device=device)
 
 
 def get_hat_mask_scale(strat: ScaleStrategy, max_trn_mask_scale: float, progress: float) -> float:

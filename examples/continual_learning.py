@@ -46,10 +46,6 @@ torch.manual_seed(0)
 model = timm.create_model("hat_resnet18s", hat_config=HATConfig(num_tasks=5), num_classes=2,
                           in_chans=tasks[0][0].shape[1]).to(args.device)
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-# few steps per task: BatchNorm's running statistics as the exact average over them
-for m in model.modules():
-    if isinstance(m, hat.modules.TaskIndexedBatchNorm2d):
-        m.momentum = None
 
 matrix = []
 for t, (x, y, _, _) in enumerate(tasks):

@@ -20,7 +20,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from hat import _trace
+from hat import _statistics, _trace
 from hat._checks import check_mask_scale, check_task_id
 from hat._core import TaskTracked, _check_config, task_modules
 from hat._errors import HATTypeError, HATValueError
@@ -114,6 +114,7 @@ def _before_call(root: nn.Module, args: tuple, kwargs: dict) -> None:
                 "hat.modules.TaskIndexedBatchNorm2d}) (their weights and statistics are kept)"
             )
     _trace.maybe_trace(root, args, kwargs)
+    _statistics.before_call(root, args, kwargs)
 
 
 def _ensure_root_hook(root: nn.Module) -> None:
@@ -285,7 +286,10 @@ def unconvert(model: nn.Module, task_id: Any) -> nn.Module:
     _check_module(model, "unconvert")
     modules = _modules_for(model, "unconvert")
     checked = {m.num_tasks: check_task_id(task_id, m.num_tasks) for m in modules}
+    _statistics.refresh_pending(model)  # the export carries the statistics evaluation would use
     clone = copy.deepcopy(model)
+    for key in ("_hat_stats_pending", "_hat_stat_norms"):
+        clone.__dict__.pop(key, None)
     hook = clone.__dict__.pop("_hat_root_hook", None)
     if hook is not None:
         clone._forward_pre_hooks.pop(hook, None)

@@ -167,7 +167,7 @@ class _GroupMask(torch.autograd.Function):
 class _Entry:
     """The masks of one (task, scale) of a group, with what they were computed from."""
 
-    __slots__ = ("embeddings", "index", "masks", "served", "stamps")
+    __slots__ = ("deviation", "embeddings", "index", "masks", "served", "stamps")
 
     def __init__(self, chosen: list[HATMasked], masks: tuple[torch.Tensor, ...]) -> None:
         self.index = {id(m): i for i, m in enumerate(chosen)}  # position by id(module)
@@ -175,6 +175,22 @@ class _Entry:
         self.stamps = [(e._version, e.data_ptr()) for e in self.embeddings]
         self.masks = masks
         self.served: set[int] = set()  # positions whose layer took its mask in a forward
+        self.deviation: float | None = None
+
+    def excess_deviation(self, task: int, scale: float, s_max: float) -> float:
+        """How much further these soft masks are from the hard ones than the masks at ``s_max``
+        (the end of every documented scale schedule) would be: the mean over every unit of every
+        layer of ``|mask - hard mask|`` (for the sigmoid ``min(m, 1 - m)``) at ``scale``, minus
+        the same at ``max(scale, s_max)``. A unit whose embedding is near 0 is undecided at every
+        scale; it does not count against a batch. Computed once per entry: one device read per
+        training step."""
+        if self.deviation is None:
+            with torch.no_grad():
+                m = torch.cat(self.masks) if len(self.masks) > 1 else self.masks[0]
+                e = torch.cat([emb[task] for emb in self.embeddings]) if len(self.embeddings) > 1 else self.embeddings[0][task]
+                ref = _flush(torch.sigmoid(e * max(scale, s_max)))
+                self.deviation = float(torch.minimum(m, 1 - m).mean() - torch.minimum(ref, 1 - ref).mean())
+        return self.deviation
 
     def get(self, module: HATMasked) -> int | None:
         """The position of ``module``'s mask, while its embedding is the one the mask came from:
@@ -224,6 +240,13 @@ class _MaskGroup:
             out.append(entry.masks[i])
         return out
 
+    def deviation(self, task: int, scale: float, s_max: float) -> float | None:
+        """``excess_deviation`` of the latest masks computed for ``(task, scale)``, None if none were."""
+        for key in reversed(self.entries):
+            if key[0] == task and key[1] == scale:
+                return self.entries[key].excess_deviation(task, scale, s_max)
+        return None
+
     def _compute(self, module: HATMasked, key: tuple[Any, ...]) -> _Entry:
         task, scale, dtype, device = key
         cfg = module.hat_config
@@ -253,6 +276,17 @@ def _group_of(cfg: HATConfig) -> _MaskGroup:
     if got is None or got[0]() is not cfg:
         got = _GROUPS[key] = (weakref.ref(cfg, lambda _r, _k=key: _GROUPS.pop(_k, None)), _MaskGroup())
     return got[1]
+
+
+def forward_deviation(cfg: HATConfig, task: int, scale: float) -> float | None:
+    """How much further from the hard masks than at ``cfg.max_trn_mask_scale`` are the soft masks
+    that the HAT layers built with ``cfg`` took for ``(task, scale)`` in the forward under way (see
+    ``_Entry.excess_deviation``); None where none of them has computed a mask for it (eager mode
+    with the sigmoid gate computes them)."""
+    got = _GROUPS.get(id(cfg))
+    if got is None or got[0]() is not cfg:
+        return None
+    return got[1].deviation(task, scale, cfg.max_trn_mask_scale)
 
 
 def _one_hot(n: int, slot: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hat._convert import _ensure_root_hook
 from hat.config import HATConfig
 from hat.modules import HATConv2d, HATLinear, TaskIndexedBatchNorm2d, TaskIndexedLinear
 from hat.payload import HATPayload
@@ -279,10 +280,11 @@ def build_model(name: str, num_tasks: int, classes_per_task: int, *, s_max: floa
     """
     cfg = HATConfig(num_tasks=num_tasks, max_trn_mask_scale=s_max, grad_comp_factor=s_max, init_strat=mask_init)
     c, h, w = input_shape
-    if name == "mlp":
-        return MLP(cfg, classes_per_task, in_features=c * h * w, hidden=hidden or 256)
-    if name == "cnn":
-        return CNN(cfg, classes_per_task, in_channels=c, image_size=(h, w), hidden=hidden or 64)
+    if name in MODELS:
+        model = (MLP(cfg, classes_per_task, in_features=c * h * w, hidden=hidden or 256) if name == "mlp"
+                 else CNN(cfg, classes_per_task, in_channels=c, image_size=(h, w), hidden=hidden or 64))
+        _ensure_root_hook(model)  # payload models too: BatchNorm statistics refreshed when a task ends
+        return model
     if name.startswith("hat_"):
         return _timm_model(name, cfg, classes_per_task, (c, h, w))
     raise ValueError(f"model must be one of {MODELS} or a hat_* timm model; got {name!r}")

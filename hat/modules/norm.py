@@ -11,7 +11,7 @@ from torch import nn
 
 from hat import _trace
 from hat._checks import check_task_id
-from hat._core import TaskTracked, _row, rows
+from hat._core import HATMasked, TaskTracked, _row, forward_deviation, rows
 from hat._errors import HATTypeError
 from hat.config import HATConfig
 from hat.payload import HATPayload, _along
@@ -34,9 +34,28 @@ class _TaskIndexedBatchNorm(TaskTracked, nn.Module):
     layer's scale and shift, so it acts *after* the normalization: a unit that task ``t`` does
     not use leaves as an exact 0 (masking before BN would turn it into ``beta``).
 
+    Running statistics describe the network that evaluation runs, with hard masks:
+
+    - in training, a batch of task ``t`` sets row ``t`` when the soft masks of its forward are
+      about as close to the hard ones as at the end of the scale schedule (the mean over every
+      unit of ``|mask - hard mask|``, read once per step from the mask node, exceeds its value at
+      ``max_trn_mask_scale`` by at most ``stats_tolerance``): the latest such batch replaces the
+      row (a smaller one is averaged in by its share of samples). With the scale annealed from ``1/s_max``
+      in every epoch, the early batches of each epoch run another network (units half on,
+      activations at other scales), and the weights move from step to step, so an average over
+      many batches describes neither. Batches with softer masks count (by torch's rule) only
+      until the first near-hard one; ``momentum`` applies to them and to ``task_id=None``.
+    - in a model converted with ``hat.convert`` (or a ``hat_*`` timm model), when a task's training
+      ends (the model's next call evaluates, or trains another task), its rows are taken once
+      more from the latest training batches, forwarded with the final weights and hard masks.
+
     Not a subclass of ``nn.BatchNorm*``: its parameters have an extra task dimension, and
     utilities written for BatchNorm (fusing into convolutions, freezing) would misread them.
     """
+
+    #: how much further from the hard masks than at ``max_trn_mask_scale`` (mean over units) the
+    #: soft masks of a training forward may be for its batch to enter the running statistics
+    stats_tolerance: float = 0.01
 
     _hat_row_params = ("weight", "bias")
     _expected_dims: tuple[int, ...] = ()
@@ -75,6 +94,46 @@ class _TaskIndexedBatchNorm(TaskTracked, nn.Module):
             self.running_mean.zero_()
             self.running_var.fill_(1)
             self.num_batches_tracked.zero_()
+        self._hat_near_hard.clear()
+
+    @property
+    def _hat_near_hard(self) -> dict[int, int]:
+        """Per slot that has seen a training batch with near-hard masks: the largest such batch
+        (process-local: after a load, the next such batch starts the row again)."""
+        return self.__dict__.setdefault("_hat_near_hard_batches", {})
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._hat_near_hard.clear()
+
+    def _stats_factor(self, slot: int, deviation: float | None, batch: int) -> float | None:
+        """The weight of this training batch (``batch`` samples) in the running statistics of
+        ``slot``; None leaves them as they are. ``deviation``: how far the forward's soft masks are
+        from the hard ones (None: unknown, torch's rule).
+
+        A near-hard batch as large as the largest before it replaces the statistics: the weights
+        move between steps, so only the latest batch describes the network evaluation will run
+        (averaging over several lagged behind and left eval far from train accuracy in short
+        schedules). A smaller one, an epoch's last, is averaged in by its share."""
+        seen = self._hat_near_hard
+        if deviation is not None and deviation <= self.stats_tolerance:
+            largest = seen[slot] = max(seen.get(slot, 0), batch)
+            self.num_batches_tracked[slot].add_(1)
+            return batch / largest
+        if deviation is not None and slot in seen:
+            return None  # a softer forward runs another network than evaluation does
+        counted = self.num_batches_tracked[slot]
+        counted.add_(1)  # in place on the row's view: two ops, not three
+        return self.momentum if self.momentum is not None else 1.0 / float(counted)
+
+    def _forward_deviation(self, task: int | None, scale: float | None, source: Any) -> float | None:
+        """``forward_deviation`` for this forward; ``source``: a HAT layer feeding this norm."""
+        if task is None or not (self.training and self.track_running_stats):
+            return None
+        if scale is None:
+            return 0.0  # hard masks: the network evaluation runs
+        cfg = getattr(source, "hat_config", None) or self.__dict__.get("_hat_mask_config")
+        return None if cfg is None else forward_deviation(cfg, task, scale)
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() not in self._expected_dims:
@@ -82,7 +141,7 @@ class _TaskIndexedBatchNorm(TaskTracked, nn.Module):
 
     def forward(self, input: Any) -> Any:
         if isinstance(input, HATPayload):
-            task, _ = self._hat_begin(input)
+            task, scale = self._hat_begin(input)
             slot = self._hat_slot(task)
             known = input._unit_mask is not None and input._unit_dim % input._raw.dim() == 1
             mask = input._unit_mask if known and task is not None else None
@@ -90,7 +149,10 @@ class _TaskIndexedBatchNorm(TaskTracked, nn.Module):
             # the layer that made it has reported the task already, through the mask or its output
             folded = mask is not None and input._mask is not None
             x = input._raw if folded else input.data
-            y = self._normalize(x, slot, mask, mark=not folded)
+            if isinstance(input._src, HATMasked) and "_hat_mask_config" not in self.__dict__:
+                self.__dict__["_hat_mask_config"] = input._src.hat_config  # the masks this norm's input went through
+            y = self._normalize(x, slot, mask, mark=not folded,
+                                deviation=self._forward_deviation(task, scale, input._src))
             mask = input._unit_mask if known else None
             return input._derive(y, mask=None, unit_mask=mask, unit_dim=1, src=input._src, repeat=input._repeat)
         if _trace.ACTIVE is not None:
@@ -102,13 +164,14 @@ class _TaskIndexedBatchNorm(TaskTracked, nn.Module):
             slot = self.hat_task
             mask = _sources_mask(self._hat_sources)
             return self._normalize_compiled(x, slot, mask)
-        task, _ = self._hat_state
+        task, scale = self._hat_state
         slot = self._hat_slot(task)
-        if task is None or not self._hat_sources:
-            return self._normalize(x, slot, None)
+        sources = self._hat_sources
+        if task is None or not sources:
+            return self._normalize(x, slot, None, deviation=self._forward_deviation(task, scale, None))
         # the layers feeding this norm leave their masks (and their probes) to it
-        mask = _sources_mask(self._hat_sources, mark=True)
-        return self._normalize(x, slot, mask, mark=False)
+        mask = _sources_mask(sources, mark=True)
+        return self._normalize(x, slot, mask, mark=False, deviation=self._forward_deviation(task, scale, sources[0]))
 
     def _normalize_compiled(self, x: torch.Tensor, slot: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """``_normalize`` for a slot held in a 0-d tensor: the running statistics of the row are
@@ -147,22 +210,23 @@ class _TaskIndexedBatchNorm(TaskTracked, nn.Module):
                 return y
         return y if mask is None else y * mask.view(shape)
 
-    def _normalize(self, x: torch.Tensor, slot: int, mask: torch.Tensor | None, mark: bool = True) -> torch.Tensor:
+    def _normalize(self, x: torch.Tensor, slot: int, mask: torch.Tensor | None, mark: bool = True,
+                   deviation: float | None = None) -> torch.Tensor:
         self._check_input_dim(x)
         use_batch_stats = self.training or not self.track_running_stats
-        factor = 0.0
+        factor: float | None = 0.0
         running_mean = running_var = None
         if self.track_running_stats:
-            running_mean, running_var = self.running_mean[slot], self.running_var[slot]  # views: row `slot` only
             if self.training:
-                self.num_batches_tracked[slot].add_(1)  # in place on the row's view: two ops, not three
-                factor = 1.0 / float(self.num_batches_tracked[slot]) if self.momentum is None else self.momentum
+                factor = self._stats_factor(slot, deviation, x.shape[0])
+            if factor is not None:
+                running_mean, running_var = self.running_mean[slot], self.running_var[slot]  # views: row `slot` only
         weight = bias = None
         if self.affine:
             weight, bias = rows(self, slot, self.weight, self.bias, mark=mark)
             if mask is not None:
                 weight, bias = weight * mask, bias * mask
-        y = F.batch_norm(x, running_mean, running_var, weight, bias, use_batch_stats, factor, self.eps)
+        y = F.batch_norm(x, running_mean, running_var, weight, bias, use_batch_stats, factor or 0.0, self.eps)
         if mask is not None and not self.affine:
             y = y * _along(mask, 1, y.dim())
         return y
@@ -192,6 +256,8 @@ class _TaskIndexedBatchNorm(TaskTracked, nn.Module):
                 src, dst = getattr(base_module, name, None), getattr(new, name, None)
                 if src is not None and dst is not None:
                     dst.copy_(src.detach().expand_as(dst))
+        if hat_config is not None:
+            new.__dict__["_hat_mask_config"] = hat_config  # the masks of the model it is converted with
         new.train(base_module.training)
         return new
 

@@ -1,0 +1,224 @@
+"""BatchNorm running statistics describe the network that evaluation runs (hard masks).
+
+The issue's case: a converted residual CNN with BatchNorm, SGD with momentum and weight decay,
+about 11 batches per epoch, the mask scale annealed from 1/100 to 100 in every epoch. With
+torch's running average the second task reached 100% in train mode and chance in eval mode.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hat
+from hat import HATConfig, HATPayload
+from hat.modules import HATConv2d, TaskIndexedBatchNorm2d, TaskIndexedLinear
+from hat.utils import get_hat_mask_scale, get_hat_reg_term
+
+from convert_models import SmallResNet
+
+NUM_TASKS = 5
+
+
+def _train(model, optimizer, x, y, t, schedule, *, epochs=5, batch_size=24, seed=0):
+    g = torch.Generator().manual_seed(seed + t)
+    model.train()
+    for _ in range(epochs):
+        batches = torch.randperm(len(x), generator=g).split(batch_size)
+        for b, idx in enumerate(batches):
+            s = get_hat_mask_scale(schedule, 100.0, b / (len(batches) - 1))
+            hat.set_task(model, t, mask_scale=s)
+            loss = F.cross_entropy(model(x[idx], t), y[idx]) + 0.75 * get_hat_reg_term(model, task_id=t, mask_scale=s)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+
+@torch.no_grad()
+def _train_mode_accuracy(model, x, y, t):
+    """Accuracy of the network training ran last: soft masks at s_max, batch statistics (on a
+    copy, so that this forward leaves the model's statistics alone)."""
+    twin = copy.deepcopy(model)
+    twin.__dict__.pop("_hat_stats_pending", None)
+    twin.train()
+    hat.set_task(twin, t, mask_scale=100.0)
+    return (twin(x, t).argmax(1) == y).float().mean().item()
+
+
+@torch.no_grad()
+def _eval_accuracy(model, x, y, t):
+    model.eval()
+    with hat.task(model, t):
+        out = (model(x, t).argmax(1) == y).float().mean().item()
+    model.train()
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "exponential"])
+def test_eval_accuracy_matches_train_accuracy_on_every_task(digit_tasks, schedule):
+    torch.manual_seed(0)
+    model = hat.convert(SmallResNet(NUM_TASKS), HATConfig(num_tasks=NUM_TASKS))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9, weight_decay=5e-4)
+    for t in range(NUM_TASKS):
+        x, y = digit_tasks[t][0], digit_tasks[t][1]
+        _train(model, optimizer, x, y, t, schedule)
+        train_acc = _train_mode_accuracy(model, x, y, t)
+        eval_acc = _eval_accuracy(model, x, y, t)
+        assert train_acc >= 0.95, f"task {t} trained to only {train_acc:.3f}"
+        assert eval_acc >= train_acc - 0.02, f"task {t}: eval {eval_acc:.3f} against train {train_acc:.3f}"
+
+
+def _conv_bn(cfg):
+    """conv -> task-indexed BN -> ReLU -> conv: the BN's input depends on the first conv's mask."""
+    return hat.convert(nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                                     nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 2)), cfg)
+
+
+def _bn(model):
+    return next(m for m in model.modules() if isinstance(m, TaskIndexedBatchNorm2d))
+
+
+def _step(model, optimizer, x, y, task, scale):
+    hat.set_task(model, task, mask_scale=scale)
+    loss = F.cross_entropy(model(x), y)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
+def test_a_near_hard_batch_replaces_the_row_and_a_soft_one_after_it_leaves_it(digit_tasks):
+    torch.manual_seed(0)
+    model = _conv_bn(HATConfig(num_tasks=2))
+    x, y = digit_tasks[0][0][:32], digit_tasks[0][1][:32]
+    model.train()
+    bn = _bn(model)
+    with torch.no_grad():  # the batch statistics the near-hard forward will see (no step in between)
+        model.eval()
+        with hat.task(model, 0):
+            model(x)  # the first call traces where the masks go: the second conv leaves its mask to the BN
+        model.train()
+        hat.set_task(model, 0, mask_scale=400.0)
+        conv_out = model[2](model[1](model[0](x)))
+    _step(model, torch.optim.SGD(model.parameters(), lr=0.0), x, y, 0, 400.0)  # lr 0: the weights stay
+    assert torch.allclose(bn.running_mean[0], conv_out.mean((0, 2, 3)), atol=1e-6)  # replaced, not averaged in
+    assert torch.allclose(bn.running_var[0], conv_out.var((0, 2, 3), unbiased=True), rtol=1e-5)
+    kept = bn.running_mean.clone(), bn.running_var.clone()
+    _step(model, torch.optim.SGD(model.parameters(), lr=0.0), x, y, 0, 0.01)  # masks far from hard
+    assert torch.equal(bn.running_mean, kept[0]) and torch.equal(bn.running_var, kept[1])
+    assert torch.equal(bn.running_mean[1], torch.zeros(8))  # the other task's row is untouched
+
+
+def test_soft_batches_count_by_torchs_rule_until_a_near_hard_one_comes(digit_tasks):
+    torch.manual_seed(0)
+    model = _conv_bn(HATConfig(num_tasks=2))
+    x, y = digit_tasks[0][0][:32], digit_tasks[0][1][:32]
+    model.train()
+    bn = _bn(model)
+    _step(model, torch.optim.SGD(model.parameters(), lr=0.0), x, y, 0, 0.01)
+    assert not torch.equal(bn.running_mean[0], torch.zeros(8))  # a first estimate, however rough
+    assert int(bn.num_batches_tracked[0]) == 1
+
+
+def test_the_end_of_a_task_refreshes_its_rows_with_the_final_weights_and_nothing_else(digit_tasks):
+    torch.manual_seed(0)
+    model = _conv_bn(HATConfig(num_tasks=3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    bn = _bn(model)
+    x0, y0 = digit_tasks[0][0][:64], digit_tasks[0][1][:64]
+    x1, y1 = digit_tasks[1][0], digit_tasks[1][1]
+    model.train()
+    for i in range(3):
+        _step(model, optimizer, x0[32 * (i % 2):32 * (i % 2) + 32], y0[32 * (i % 2):32 * (i % 2) + 32], 0, 100.0)
+    for i in range(6):
+        _step(model, optimizer, x1[32 * i:32 * i + 32], y1[32 * i:32 * i + 32], 1, 100.0)
+    # the first forward of task 1's training ended task 0: its row was refreshed then
+    row0 = bn.running_mean[0].clone(), bn.running_var[0].clone()
+    before = bn.running_mean.clone(), bn.running_var.clone()
+    expected = copy.deepcopy(model)  # task 1's statistics with the final weights, hard masks, kept inputs
+    expected.__dict__.pop("_hat_stats_pending")
+    with torch.no_grad(), hat.task(expected, 1):
+        conv_out = expected[2](expected[1](expected[0](x1[:192])))
+    rng = torch.get_rng_state()
+    model.eval()
+    with torch.no_grad(), hat.task(model, 1):
+        model(x1[:8])  # the first call after training: refreshes task 1's rows first
+    assert torch.equal(torch.get_rng_state(), rng)  # the user's random stream is untouched
+    assert torch.allclose(bn.running_mean[1], conv_out.mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(bn.running_var[1], conv_out.var((0, 2, 3)), rtol=1e-4)
+    assert not torch.allclose(bn.running_mean[1], before[0][1], atol=1e-5)
+    for slot in (0, 2, 3):  # earlier task, untrained task, no-task slot: bit-identical
+        assert torch.equal(bn.running_mean[slot], before[0][slot]) and torch.equal(bn.running_var[slot], before[1][slot])
+    assert torch.equal(bn.running_mean[0], row0[0])
+    refreshed = bn.running_mean.clone()
+    with torch.no_grad(), hat.task(model, 1):  # once only
+        model(x1[:8])
+    assert torch.equal(bn.running_mean, refreshed)
+
+
+def test_the_kept_inputs_stay_within_their_budget(digit_tasks):
+    from hat import _statistics
+
+    torch.manual_seed(0)
+    model = _conv_bn(HATConfig(num_tasks=2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.cat([task[0] for task in digit_tasks])  # about 1250 images, all trained as task 0 here
+    y = torch.cat([task[1] for task in digit_tasks])
+    for i in range(0, len(x) - 100, 100):
+        _step(model, optimizer, x[i:i + 100], y[i:i + 100], 0, 100.0)
+    pending = model.__dict__["_hat_stats_pending"]
+    kept = sum(b.size for b in pending.batches)
+    assert _statistics.KEEP_SAMPLES <= kept < _statistics.KEEP_SAMPLES + 100
+    # copies: a loop that refills one input tensor in place cannot change what is kept
+    assert all(b.args[0].untyped_storage().data_ptr() != x.untyped_storage().data_ptr() for b in pending.batches)
+
+
+def test_a_payload_model_follows_the_training_rule(digit_tasks):
+    """Hand-built payload models have no root call to hook: their rows come from the latest
+    near-hard training batch."""
+    cfg = HATConfig(num_tasks=2)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = HATConv2d(1, 8, 3, cfg, padding=1)
+            self.conv2 = HATConv2d(8, 8, 3, cfg, padding=1)
+            self.bn = TaskIndexedBatchNorm2d(2, 8)
+            self.head = TaskIndexedLinear(2, 8 * 8 * 8, 2)
+
+        def forward(self, p):
+            p = self.conv1(p).forward_by(nn.ReLU())
+            p = self.bn(self.conv2(p)).forward_by(nn.ReLU())
+            return self.head(p.forward_by(nn.Flatten()))
+
+    torch.manual_seed(0)
+    net = Net()
+    x, y = digit_tasks[0][0][:32], digit_tasks[0][1][:32]
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
+    for scale in (400.0, 0.01):
+        loss = F.cross_entropy(net(HATPayload(x, task_id=0, mask_scale=scale)).data, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if scale == 400.0:
+            kept = net.bn.running_mean[0].clone()
+    assert torch.equal(net.bn.running_mean[0], kept)  # the soft batch did not move it
+
+
+def test_the_clis_payload_cnn_refreshes_its_statistics_when_a_task_ends(digit_tasks):
+    from hat.experiment import build_model, evaluate, train_task
+
+    torch.manual_seed(0)
+    model = build_model("cnn", num_tasks=2, classes_per_task=2, s_max=100.0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, y, x_te, y_te = digit_tasks[0]
+    train_task(model, optimizer, (x, y), 0, 2, 32, 100.0, 0.75, torch.Generator().manual_seed(0))
+    trained = model.bn1.running_mean.clone()
+    assert evaluate(model, x_te, y_te, 0) > 0.9
+    assert "_hat_stats_pending" not in model.__dict__
+    assert not torch.equal(model.bn1.running_mean[0], trained[0])  # taken again with the final weights
+    assert torch.equal(model.bn1.running_mean[1:], trained[1:])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from hat import _protect, modules, utils
 from hat._convert import convert, set_task, task, unconvert
+from hat._coverage import LayerCoverage, coverage
 from hat._errors import HATError, HATTypeError, HATValueError, TaskIndexError
 from hat._protect import condition_gradients, mark_trained, trained_tasks
 from hat.config import HATConfig
@@ -17,7 +18,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     "HATConfig", "HATPayload", "convert", "unconvert", "set_task", "task", "mark_trained", "trained_tasks",
-    "condition_gradients",
+    "condition_gradients", "coverage", "LayerCoverage",
     "modules", "utils",
     "HATError", "HATTypeError", "HATValueError", "TaskIndexError", "__version__",
 ]

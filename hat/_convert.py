@@ -25,24 +25,10 @@ from hat._checks import check_mask_scale, check_task_id
 from hat._core import TaskTracked, _check_config, task_modules
 from hat._errors import HATTypeError, HATValueError
 from hat.config import HATConfig
-from hat.modules import (
-    HATConv1d, HATConv2d, HATConv3d, HATLinear, TaskIndexedBatchNorm1d, TaskIndexedBatchNorm2d,
-    TaskIndexedBatchNorm3d, TaskIndexedLayerNorm, TaskIndexedLinear,
-)
+from hat._mapping import DEFAULT_MAPPING, default_mapping
+from hat.modules import TaskIndexedLinear
 
 __all__ = ["convert", "unconvert", "set_task", "task", "DEFAULT_MAPPING"]
-
-# exact torch layer type -> its HAT / task-indexed counterpart
-DEFAULT_MAPPING: dict[type[nn.Module], type[nn.Module]] = {
-    nn.Linear: HATLinear,
-    nn.Conv1d: HATConv1d,
-    nn.Conv2d: HATConv2d,
-    nn.Conv3d: HATConv3d,
-    nn.BatchNorm1d: TaskIndexedBatchNorm1d,
-    nn.BatchNorm2d: TaskIndexedBatchNorm2d,
-    nn.BatchNorm3d: TaskIndexedBatchNorm3d,
-    nn.LayerNorm: TaskIndexedLayerNorm,
-}
 
 Pattern = str | Sequence[str] | None
 
@@ -212,7 +198,7 @@ def convert(model: nn.Module, hat_config: HATConfig, *, include: Pattern = None,
     if task_modules(model):
         raise HATValueError(f"convert: {type(model).__name__} already has HAT or task-indexed layers; convert a plain "
                             "model once (to change tasks use hat.set_task)")
-    table: dict[type, type] = dict(DEFAULT_MAPPING)
+    table: dict[type, type] = default_mapping()
     if mapping is not None:
         if not isinstance(mapping, Mapping):
             raise HATTypeError(f"mapping must be a dict {{torch layer type: HAT type}}; got {type(mapping).__name__}")
@@ -273,6 +259,7 @@ def convert(model: nn.Module, hat_config: HATConfig, *, include: Pattern = None,
         parent_name, _, attr = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, attr, new)
     model.__dict__["_hat_shared_norms"] = shared
+    model.__dict__["_hat_plain_heads"] = plain_heads
     _ensure_root_hook(model)
     return model
 
@@ -294,7 +281,8 @@ def unconvert(model: nn.Module, task_id: Any) -> nn.Module:
     if hook is not None:
         clone._forward_pre_hooks.pop(hook, None)
         clone._forward_pre_hooks_with_kwargs.pop(hook, None)
-    clone.__dict__.pop("_hat_shared_norms", None)
+    for key in ("_hat_shared_norms", "_hat_plain_heads"):
+        clone.__dict__.pop(key, None)
     replace = [(n, m) for n, m in clone.named_modules() if isinstance(m, TaskTracked)]
     plain = {n: m.to_base_module(task_id=checked[m.num_tasks]) for n, m in replace}
     for name, new in plain.items():

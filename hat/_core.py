@@ -23,6 +23,7 @@ from torch import nn
 from hat._checks import check_task_id
 from hat._errors import HATTypeError, HATValueError
 from hat.config import HATConfig
+from hat import _units
 from hat.payload import UNKNOWN, HATPayload
 
 __all__ = ["TaskTracked", "HATMasked", "live_modules", "task_modules"]
@@ -50,6 +51,9 @@ def live_modules() -> list[TaskTracked]:
 def task_modules(model: nn.Module) -> list[TaskTracked]:
     """The task-aware modules of ``model`` (itself included), in ``model.modules()`` order."""
     return [m for m in model.modules() if isinstance(m, TaskTracked)]
+
+
+_FED_FROM_MANY = "fed from different layers in different calls"
 
 
 def _check_config(hat_config: Any) -> HATConfig:
@@ -487,9 +491,12 @@ class TaskTracked:
             elif len(rows) < p.shape[0]:
                 out.append((p, _row_split(tuple(p.shape), p.device, p.dtype, rows), False))
         if protected:
+            whole = self.__dict__.get("_hat_read_directly") is not None
             for name in self._hat_unit_params:
                 p = self._parameters.get(name)
-                if p is not None:
+                if p is not None and whole:  # every task read it in full: frozen
+                    out.append((p, None, False))
+                elif p is not None:
                     split = self._hat_unit_mask_cached(name, protected)
                     if split is not None:
                         out.append((p, split, True))
@@ -671,20 +678,34 @@ class HATMasked(TaskTracked):
 
     # -- payload path --------------------------------------------------------------------
     def _hat_record_link(self, payload: HATPayload) -> None:
-        self._hat_set_link(UNKNOWN if payload._src is UNKNOWN else ((payload._src,), payload._repeat))
+        """Note where a payload's units come from (compared cheaply every forward; the map is
+        built only when it differs from the first one seen)."""
+        key = (payload._src, payload._repeat)
+        first = self.__dict__.get("_hat_link_key")
+        if first is not None and first[0] is key[0] and first[1] == key[1]:
+            return
+        self.__dict__.setdefault("_hat_link_key", key)
+        in_units = self._hat_in_units()
+        src = payload._src
+        if src is UNKNOWN:
+            link = _units.dense(in_units, "a module the payload cannot follow (it moves zeros or reshapes units)")
+        elif src is None:
+            link = _units.dense(in_units, _units.MODEL_INPUT)
+        elif not isinstance(src, HATMasked) or src.task_embedding.shape[1] * payload._repeat != in_units:
+            link = _units.dense(in_units, f"units of {type(src).__name__} that do not line up with this input")
+        else:
+            link = _units.of_layer(src, payload._repeat)
+        self._hat_set_link(link)
 
-    def _hat_set_link(self, link: Any) -> None:
-        """Where this layer's input units come from: ``(sources, repeat)`` (HAT layers whose masks
-        reach the input, None for the network's raw input; each source unit repeated ``repeat``
-        times), or UNKNOWN. Fed from different places in different calls: UNKNOWN from then on
-        (whole rows of used units are protected)."""
+    def _hat_set_link(self, link: _units.UnitMap) -> None:
+        """Where this layer's input units come from (found by the trace or by payloads). A layer
+        fed from different places in different calls protects whole rows from then on."""
         old = self.__dict__.get("_hat_link")
         if old is None:
             self.__dict__["_hat_link"] = link
             _invalidate_masks()  # the protected inputs of this layer are now known
-        elif old is not UNKNOWN and (link is UNKNOWN or len(old[0]) != len(link[0])
-                                     or any(a is not b for a, b in zip(old[0], link[0])) or old[1] != link[1]):
-            self.__dict__["_hat_link"] = UNKNOWN
+        elif old.dense_reason != _FED_FROM_MANY and not old.same_as(link):
+            self.__dict__["_hat_link"] = _units.dense(link.size, _FED_FROM_MANY)
             _invalidate_masks()
 
     def _hat_masked_payload(self, payload: HATPayload, y: torch.Tensor, task: int | None, scale: float | None) -> HATPayload:
@@ -699,21 +720,11 @@ class HATMasked(TaskTracked):
     # -- conditioning --------------------------------------------------------------------
 
     def _hat_input_used(self, protected: torch.Tensor, in_units: int) -> torch.Tensor | None:
-        """The input units used by the protected tasks (the union over every HAT layer whose
-        mask reaches the input), or None where they cannot be known or the raw input is among
-        the sources (every input unit counts as used)."""
+        """The input units used by the protected tasks (bool ``[in_units]``; positions that no mask
+        reaches count as used), or None where they cannot be known: whole rows of used units."""
         link = self.__dict__.get("_hat_link")
-        if link is None or link is UNKNOWN:
+        if link is None or link.size != in_units:
             return None
-        sources, repeat = link
-        used = None
-        for src in sources:
-            if src is None or not isinstance(src, HATMasked) or src.num_tasks != self.num_tasks:
-                return None
-            if src.task_embedding.shape[1] * repeat != in_units:
-                return None
-            u = src.used_units(protected)
-            used = u if used is None else used | u
-        if used is None:
+        if any(s.num_tasks != self.num_tasks for s in link.sources):
             return None
-        return used.repeat_interleave(repeat) if repeat > 1 else used
+        return link.used(protected)

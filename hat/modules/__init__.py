@@ -9,10 +9,14 @@ from hat.modules.norm import (
     TaskIndexedBatchNorm1d,
     TaskIndexedBatchNorm2d,
     TaskIndexedBatchNorm3d,
+    TaskIndexedGroupNorm,
     TaskIndexedLayerNorm,
+    TaskIndexedLayerNorm2d,
+    TaskIndexedSyncBatchNorm,
 )
 
 __all__ = [
     "HATLinear", "HATConv1d", "HATConv2d", "HATConv3d", "HATMasker", "FixedMask", "TaskIndexedLinear",
-    "TaskIndexedBatchNorm1d", "TaskIndexedBatchNorm2d", "TaskIndexedBatchNorm3d", "TaskIndexedLayerNorm",
+    "TaskIndexedBatchNorm1d", "TaskIndexedBatchNorm2d", "TaskIndexedBatchNorm3d", "TaskIndexedSyncBatchNorm",
+    "TaskIndexedLayerNorm", "TaskIndexedLayerNorm2d", "TaskIndexedGroupNorm",
 ]

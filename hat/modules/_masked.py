@@ -26,6 +26,8 @@ class MaskedLayer(HATMasked):
     _hat_unit_params = ("weight", "bias")
     # set by the trace of a converted model: a task-indexed BatchNorm right after applies the mask
     _hat_defer = False
+    # why this layer protects whole rows of used units whatever its input (None: per unit)
+    _hat_whole_rows: ClassVar[str | None] = None
 
     def forward(self, input: Any) -> Any:
         if isinstance(input, HATPayload):
@@ -60,18 +62,18 @@ class MaskedLayer(HATMasked):
 
     def _hat_unit_mask(self, name: str, protected: torch.Tensor) -> torch.Tensor | None:
         out_used = self.used_units(protected)
-        if name == "bias":
-            return out_used
-        weight = self.weight
+        param = self._parameters[name]
+        if name != "weight":  # a bias, a per-unit gain: one entry (or block) per output unit
+            return out_used.view(-1, *([1] * (param.dim() - 1)))
         groups = getattr(self, "groups", 1)
-        in_used = self._hat_input_used(protected, self._hat_in_units())
-        trailing = [1] * (weight.dim() - 2)
+        in_used = None if self._hat_whole_rows else self._hat_input_used(protected, self._hat_in_units())
+        trailing = [1] * (param.dim() - 2)
         if in_used is None:  # input mask unknown: protect whole rows of used units
             return out_used.view(-1, 1, *trailing)
         # weight[o, j] reads input unit (group of o) * in_per_group + j
-        in_per_group = weight.shape[1]
-        in_w = in_used.view(groups, in_per_group).repeat_interleave(weight.shape[0] // groups, dim=0)
-        return (out_used.view(-1, 1) & in_w).view(weight.shape[0], in_per_group, *trailing)
+        in_per_group = param.shape[1]
+        in_w = in_used.view(groups, in_per_group).repeat_interleave(param.shape[0] // groups, dim=0)
+        return (out_used.view(-1, 1) & in_w).view(param.shape[0], in_per_group, *trailing)
 
     # -- conversion ---------------------------------------------------------------------------
     def _hat_base_args(self) -> dict[str, Any]:
@@ -84,8 +86,10 @@ class MaskedLayer(HATMasked):
 
     @classmethod
     def from_base_module(cls, base_module: nn.Module, hat_config: Any = None, **kwargs: Any) -> MaskedLayer:
-        """The HAT layer for a torch layer of exactly ``cls``'s base type, sharing its weight and
-        bias Parameters (pretrained weights are kept as they are)."""
+        """The HAT layer for ``base_module``, an instance of ``cls``'s torch layer or of a subclass
+        of it (timm's ``Conv2dSame``, ``StdConv2d`` ...): a new module of a class deriving from both,
+        sharing every Parameter, buffer and attribute of ``base_module`` (pretrained weights are
+        kept as they are), with a task embedding per output unit added."""
         if hat_config is None:
             raise HATTypeError(f"{cls.__name__}.from_base_module needs hat_config=HATConfig(num_tasks=...)")
         _check_config(hat_config)
@@ -93,32 +97,66 @@ class MaskedLayer(HATMasked):
             raise HATTypeError(f"{cls.__name__}.from_base_module expects a {cls._hat_base.__name__}; "
                                f"got {type(base_module).__name__}")
         weight = base_module.weight
-        new = cls(**cls._hat_args_of(base_module), hat_config=hat_config, device="meta", dtype=weight.dtype)
-        new.to_empty(device=weight.device)
-        new._hat_reinit()
-        new.weight = weight
-        new.bias = base_module.bias
-        new.train(base_module.training)
+        extras = tuple(n for n, p in base_module._parameters.items() if p is not None and n not in ("weight", "bias"))
+        odd = [f"{n} {tuple(base_module._parameters[n].shape)}" for n in extras
+               if base_module._parameters[n].shape[:1] != weight.shape[:1]]
+        if odd:
+            raise HATTypeError(f"{cls.__name__}.from_base_module: {type(base_module).__name__} has parameter(s) "
+                               f"{', '.join(odd)} that do not hold one entry per output unit; hat cannot protect them")
+        new = _shallow_clone(base_module)
+        new.__class__ = hat_class(cls, type(base_module))
+        if extras:  # a per-unit gain (ScaledStdConv2d): protected with its unit, like the bias
+            new.__dict__["_hat_unit_params"] = (*cls._hat_unit_params, *extras)
+        new._hat_init_mask(hat_config, weight.shape[0], weight.device, weight.dtype)
         return new
 
     def to_base_module(self, task_id: Any = None, **kwargs: Any) -> nn.Module:
-        """The torch layer computing this layer's output for ``task_id`` with the hard mask folded
-        into weight and bias (``task_id=None``: the unmasked layer). A layer whose mask a
-        task-indexed BatchNorm applies (converted models) is returned unmasked: the norm folds it."""
+        """The torch layer (of the class this one was converted from) computing this layer's output
+        for ``task_id`` with the hard mask folded into weight, bias and any per-unit parameter
+        (``task_id=None``: the unmasked layer). A layer whose mask a task-indexed BatchNorm applies
+        (converted models) is returned unmasked: the norm folds it."""
         task = check_task_id(task_id, self.num_tasks)
-        weight = self.weight.detach().clone()
-        bias = None if self.bias is None else self.bias.detach().clone()
+        mask = None
         if task is not None and not self._hat_defer:
             if self.mask_dim != self._hat_default_mask_dim:
                 raise HATValueError(f"to_base_module: the mask of {type(self).__name__} is over dimension {self.mask_dim}, "
                                     "which cannot be folded into its weight")
-            mask = (self.task_embedding.detach()[task] > 0).to(weight.dtype)
-            weight.mul_(mask.view(-1, *([1] * (weight.dim() - 1))))
-            if bias is not None:
-                bias.mul_(mask)
-        plain = self._hat_base(**self._hat_base_args(), device="meta", dtype=weight.dtype)
-        plain.to_empty(device=weight.device)
-        plain.weight = nn.Parameter(weight, requires_grad=self.weight.requires_grad)
-        plain.bias = None if bias is None else nn.Parameter(bias, requires_grad=self.bias.requires_grad)
+            mask = (self.task_embedding.detach()[task] > 0).to(self.weight.dtype)
+        plain = _shallow_clone(self)
+        plain.__class__ = self._hat_base
+        for name in ("task_embedding",):
+            plain._parameters.pop(name, None)
+        for name in ("hat_trained", "hat_task", "hat_scale"):
+            plain._buffers.pop(name, None)
+            plain._non_persistent_buffers_set.discard(name)
+        for key in [k for k in plain.__dict__ if k.startswith("_hat_") or k in ("hat_config", "num_tasks")]:
+            del plain.__dict__[key]
+        for name in self._hat_unit_params:
+            p = self._parameters.get(name)
+            if p is None:
+                continue
+            value = p.detach().clone()
+            if mask is not None:
+                value.mul_(mask.view(-1, *([1] * (value.dim() - 1))))
+            plain._parameters[name] = nn.Parameter(value, requires_grad=p.requires_grad)
         plain.train(self.training)
         return plain
+
+
+def _shallow_clone(module: nn.Module) -> nn.Module:
+    """A new module object of the same class sharing ``module``'s Parameters, buffers, children and
+    attributes, with dictionaries (and sets) of its own: registering on one leaves the other as is."""
+    new = object.__new__(type(module))
+    new.__dict__ = {k: (v.copy() if isinstance(v, (dict, set)) else v) for k, v in module.__dict__.items()}
+    return new
+
+
+def hat_class(hat_cls: type, base: type) -> type:
+    """``hat_cls`` (HATLinear, HATConv2d ...) for a torch layer of class ``base``: ``hat_cls`` itself
+    for its own torch layer, else a class deriving from both (``hat.modules._generated``), so that
+    ``base``'s forward computes the output and ``isinstance`` checks for ``base`` keep working."""
+    if base is hat_cls._hat_base:
+        return hat_cls
+    from hat.modules import _generated
+
+    return _generated.derive(hat_cls, base)

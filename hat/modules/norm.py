@@ -1,9 +1,22 @@
-"""Task-indexed normalization: per-task affine parameters and running statistics."""
+"""Task-indexed normalization: per-task affine parameters (and running statistics).
+
+Every norm here keeps its per-task tensors stacked ``[num_tasks + 1, ...]`` (the last row serves
+``task_id=None``); training task ``t`` changes row ``t`` only. Where the units of its input are
+known (a payload's mask, or the trace of a converted model), the norm masks its output again:
+BatchNorm turns a masked 0 into ``beta``, LayerNorm and GroupNorm give a 0 a value from the
+statistics, so without it units a task does not use would leave the norm nonzero. The mask is
+folded into the per-task affine (one pass, not two).
+
+Norms converted from timm's norm-act layers (``BatchNormAct2d``, ``GroupNormAct``,
+``LayerNormAct`` ...) keep their ``drop`` and ``act`` modules and apply them after the norm, as
+timm does; the mask is applied once more after them where they move 0 (a sigmoid, say).
+"""
 
 from __future__ import annotations
 
+import copy
 import numbers
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -12,20 +25,196 @@ from torch import nn
 from hat import _trace
 from hat._checks import check_task_id
 from hat._core import HATMasked, TaskTracked, _row, forward_deviation, rows
-from hat._errors import HATTypeError
+from hat._errors import HATTypeError, HATValueError
 from hat.config import HATConfig
 from hat.payload import HATPayload, _along
 
 __all__ = [
-    "TaskIndexedBatchNorm1d", "TaskIndexedBatchNorm2d", "TaskIndexedBatchNorm3d", "TaskIndexedLayerNorm",
+    "TaskIndexedBatchNorm1d", "TaskIndexedBatchNorm2d", "TaskIndexedBatchNorm3d", "TaskIndexedSyncBatchNorm",
+    "TaskIndexedLayerNorm", "TaskIndexedLayerNorm2d", "TaskIndexedGroupNorm",
 ]
+
+# the children of timm's norm-act layers, applied in this order after the normalization
+_POST = ("drop", "act")
 
 
 def _num_tasks(num_tasks: Any) -> int:
     return HATConfig(num_tasks=num_tasks).num_tasks
 
 
-class _TaskIndexedBatchNorm(TaskTracked, nn.Module):
+class _TaskIndexedNorm(TaskTracked, nn.Module):
+    """What every task-indexed norm shares: per-task rows, the masks of its input's units applied
+    after it, norm-act children, conversion from and back to the module it replaced."""
+
+    _hat_row_params = ("weight", "bias")
+    # the units of the input along this norm's unit dimension, found by the trace of a converted
+    # model (``hat._units.UnitMap``); its mask is applied after the norm
+    _hat_unit_map: Any = None
+    _hat_base: ClassVar[type[nn.Module]]
+
+    # -- what subclasses say about themselves ------------------------------------------------
+    @property
+    def num_units(self) -> int:
+        raise NotImplementedError
+
+    def _hat_unit_dim(self, ndim: int) -> int | None:
+        """The dimension of an ``ndim``-d input that holds this norm's units (None: none does)."""
+        return 1
+
+    @classmethod
+    def _hat_accepts(cls, base: nn.Module) -> bool:
+        return isinstance(base, cls._hat_base)
+
+    @classmethod
+    def _hat_args_of(cls, base: nn.Module) -> dict[str, Any]:
+        """The constructor arguments (after num_tasks) that rebuild ``base`` task-indexed."""
+        raise NotImplementedError
+
+    # -- masks -----------------------------------------------------------------------------
+    def _hat_set_unit_map(self, unit_map: Any) -> None:
+        """Mask the output with ``unit_map``'s union of its sources' masks (set by the trace)."""
+        self._hat_unit_map = unit_map
+        gather = None if unit_map.identity_of() is not None else unit_map.gather_index().to(self.hat_trained.device)
+        self.register_buffer("hat_unit_gather", gather, persistent=False)
+
+    def _hat_map_mask(self, mark: bool = False, task: int | None = None) -> torch.Tensor | None:
+        """The current mask of the traced input units (``task``: that task's hard mask instead)."""
+        unit_map = self._hat_unit_map
+        if unit_map is None:
+            return None
+        if task is None:
+            masks = [s._hat_current_mask(mark) for s in unit_map.sources]
+        else:
+            masks = [s._hat_mask(task, None) for s in unit_map.sources]
+        if self.hat_unit_gather is None:
+            return masks[0]
+        ref = masks[0]
+        gathered = torch.cat([*masks, ref.new_ones(1), ref.new_zeros(1)])[self.hat_unit_gather]
+        return gathered.amax(0) if gathered.dim() > 1 else gathered
+
+    def _hat_post_forward(self, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """timm's ``drop`` and ``act`` after the norm; the mask again after them if they move 0."""
+        post = [self._modules[n] for n in _POST if n in self._modules]
+        if not post:
+            return y
+        for m in post:
+            y = m(y)
+        if mask is not None and not self.__dict__.get("_hat_post_keeps_zero", True):
+            y = y * _along(mask, self._hat_unit_dim(y.dim()), y.dim())
+        return y
+
+    # -- conversion --------------------------------------------------------------------------
+    @classmethod
+    def from_base_module(cls, base_module: nn.Module, hat_config: Any = None, num_tasks: Any = None,
+                         **kwargs: Any) -> _TaskIndexedNorm:
+        """A task-indexed copy of ``base_module``: every task slot (and the no-task slot) starts from
+        its affine parameters (and running statistics); the ``drop`` and ``act`` of a timm norm-act
+        layer are kept. ``to_base_module`` gives back a module of ``base_module``'s class."""
+        from hat.modules.linear import _num_tasks_from
+
+        n = _num_tasks_from(cls, hat_config, num_tasks)
+        if not cls._hat_accepts(base_module):
+            raise HATTypeError(f"{cls.__name__}.from_base_module expects a {cls._hat_base.__name__}; "
+                               f"got {type(base_module).__name__}")
+        children = [name for name, _ in base_module.named_children()]
+        unknown = [c for c in children if c not in _POST]
+        if unknown:
+            raise HATTypeError(f"{cls.__name__}.from_base_module: {type(base_module).__name__} has submodules "
+                               f"({', '.join(unknown)}) that a task-indexed norm would drop; only timm's norm-act "
+                               f"children ({', '.join(_POST)}) are kept")
+        ref = next(iter(base_module.parameters()), None)
+        if ref is None:
+            ref = next(iter(base_module.buffers()), None)
+        kw = dict(device=None if ref is None else ref.device,
+                  dtype=None if ref is None or not ref.is_floating_point() else ref.dtype)
+        new = cls(n, **cls._hat_args_of(base_module), **kw)
+        with torch.no_grad():
+            for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+                src, dst = getattr(base_module, name, None), getattr(new, name, None)
+                if isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor):
+                    dst.copy_(src.detach().expand_as(dst))
+        for name in children:
+            new.add_module(name, base_module._modules[name])
+        if children:
+            new.__dict__["_hat_post_keeps_zero"] = _keeps_zero([base_module._modules[c] for c in children],
+                                                               new.num_units)
+        # the module it replaced, without its tensors: to_base_module rebuilds one of its class
+        template = copy.copy(base_module)
+        template.__dict__ = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base_module.__dict__.items()}
+        template._parameters = dict.fromkeys(base_module._parameters)
+        template._buffers = dict.fromkeys(base_module._buffers)
+        new.__dict__["_hat_template"] = template
+        if hat_config is not None:
+            new.__dict__["_hat_mask_config"] = hat_config  # the masks of the model it is converted with
+        new.train(base_module.training)
+        return new
+
+    def to_base_module(self, task_id: Any = None, **kwargs: Any) -> nn.Module:
+        """The plain module of ``task_id`` (its rows; None: the no-task slot), of the class this
+        norm was converted from, with the hard masks it applies folded into its affine."""
+        task = check_task_id(task_id, self.num_tasks)
+        slot = self._hat_slot(task)
+        mask = None if task is None else self._hat_map_mask(task=task)
+        template = self.__dict__.get("_hat_template")
+        if template is not None:
+            plain = copy.deepcopy(template)
+            for name in _POST:
+                if name in self._modules:
+                    plain._modules[name] = copy.deepcopy(self._modules[name])
+        else:
+            plain = self._hat_default_base()
+        ref = next(iter(self.buffers()), None) if self.weight is None else self.weight
+        with torch.no_grad():
+            for name in self._hat_row_params + ("running_mean", "running_var", "num_batches_tracked"):
+                value = getattr(self, name, None)
+                if not isinstance(value, torch.Tensor):
+                    if name in plain._parameters:
+                        plain._parameters[name] = None
+                    elif name in plain._buffers:
+                        plain._buffers[name] = None
+                    continue
+                row = value[slot].clone()
+                if name in self._hat_row_params:
+                    plain._parameters[name] = nn.Parameter(row, requires_grad=value.requires_grad)
+                else:
+                    plain._buffers[name] = row
+            if mask is not None:
+                shape = plain.weight.shape if plain._parameters.get("weight") is not None else (self.num_units,)
+                if plain._parameters.get("weight") is None:
+                    plain._parameters["weight"] = nn.Parameter(torch.ones(shape, device=ref.device, dtype=mask.dtype))
+                if plain._parameters.get("bias") is None:
+                    plain._parameters["bias"] = nn.Parameter(torch.zeros(shape, device=ref.device, dtype=mask.dtype))
+                plain.weight.mul_(mask.view(shape))
+                plain.bias.mul_(mask.view(shape))
+                for flag in ("affine", "elementwise_affine"):
+                    if hasattr(plain, flag):
+                        setattr(plain, flag, True)
+        plain.train(self.training)
+        return plain
+
+    def _hat_default_base(self) -> nn.Module:
+        """The torch module a hand-built norm (one not converted from a module) unconverts to."""
+        raise NotImplementedError
+
+
+def _keeps_zero(modules: list[nn.Module], units: int) -> bool:
+    """Whether ``modules`` (elementwise: an activation, dropout) map 0 to 0."""
+    x = torch.zeros(2, units, 1, 1)
+    states = [(m, m.training) for m in modules]
+    try:
+        with torch.no_grad():
+            for m in modules:
+                m.eval()
+                x = m(x)
+        return bool((x == 0).all())
+    except Exception:  # noqa: BLE001 - a module that cannot take this probe: mask again to be safe
+        return False
+    finally:
+        for m, flag in states:
+            m.train(flag)
+
+
+class _TaskIndexedBatchNorm(_TaskIndexedNorm):
     """BatchNorm with one set of ``weight``/``bias``/running statistics per task.
 
     Every per-task tensor is stacked as ``[num_tasks + 1, num_features]``; the last row belongs
@@ -40,10 +229,10 @@ class _TaskIndexedBatchNorm(TaskTracked, nn.Module):
       about as close to the hard ones as at the end of the scale schedule (the mean over every
       unit of ``|mask - hard mask|``, read once per step from the mask node, exceeds its value at
       ``max_trn_mask_scale`` by at most ``stats_tolerance``): the latest such batch replaces the
-      row (a smaller one is averaged in by its share of samples). With the scale annealed from ``1/s_max``
-      in every epoch, the early batches of each epoch run another network (units half on,
-      activations at other scales), and the weights move from step to step, so an average over
-      many batches describes neither. Batches with softer masks count (by torch's rule) only
+      row (a smaller one is averaged in by its share of samples). With the scale annealed from
+      ``1/s_max`` in every epoch, the early batches of each epoch run another network (units half
+      on, activations at other scales), and the weights move from step to step, so an average
+      over many batches describes neither. Batches with softer masks count (by torch's rule) only
       until the first near-hard one; ``momentum`` applies to them and to ``task_id=None``.
     - in a model converted with ``hat.convert`` (or a ``hat_*`` timm model), when a task's training
       ends (the model's next call evaluates, or trains another task), its rows are taken once
@@ -57,10 +246,7 @@ class _TaskIndexedBatchNorm(TaskTracked, nn.Module):
     #: soft masks of a training forward may be for its batch to enter the running statistics
     stats_tolerance: float = 0.01
 
-    _hat_row_params = ("weight", "bias")
     _expected_dims: tuple[int, ...] = ()
-    # set by the trace of a converted model: the masked layers whose units reach this norm
-    _hat_sources: tuple[Any, ...] = ()
 
     def __init__(self, num_tasks: int, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device: Any = None, dtype: Any = None) -> None:
@@ -87,7 +273,27 @@ class _TaskIndexedBatchNorm(TaskTracked, nn.Module):
             self.register_buffer("running_mean", None)
             self.register_buffer("running_var", None)
             self.register_buffer("num_batches_tracked", None)
+        self.register_buffer("hat_unit_gather", None, persistent=False)
         self._hat_init_tracking(num_tasks, device)
+
+    @property
+    def num_units(self) -> int:
+        return self.num_features
+
+    @classmethod
+    def _hat_accepts(cls, base: nn.Module) -> bool:
+        return isinstance(base, nn.modules.batchnorm._BatchNorm)
+
+    @classmethod
+    def _hat_args_of(cls, base: nn.Module) -> dict[str, Any]:
+        return dict(num_features=base.num_features, eps=base.eps, momentum=base.momentum, affine=base.affine,
+                    track_running_stats=base.track_running_stats)
+
+    def _hat_default_base(self) -> nn.Module:
+        ref = self.weight if self.weight is not None else self.running_mean
+        return self._hat_base(self.num_features, eps=self.eps, momentum=self.momentum, affine=self.affine,
+                              track_running_stats=self.track_running_stats,
+                              device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype)
 
     def reset_running_stats(self) -> None:
         if self.track_running_stats:
@@ -96,6 +302,7 @@ class _TaskIndexedBatchNorm(TaskTracked, nn.Module):
             self.num_batches_tracked.zero_()
         self._hat_near_hard.clear()
 
+    # -- running statistics ------------------------------------------------------------------
     @property
     def _hat_near_hard(self) -> dict[int, int]:
         """Per slot that has seen a training batch with near-hard masks: the largest such batch
@@ -139,6 +346,7 @@ class _TaskIndexedBatchNorm(TaskTracked, nn.Module):
         if x.dim() not in self._expected_dims:
             raise ValueError(f"{type(self).__name__} expects a {' or '.join(map(str, self._expected_dims))}-d input; got {x.dim()}-d")
 
+    # -- forward -------------------------------------------------------------------------------
     def forward(self, input: Any) -> Any:
         if isinstance(input, HATPayload):
             task, scale = self._hat_begin(input)
@@ -153,6 +361,7 @@ class _TaskIndexedBatchNorm(TaskTracked, nn.Module):
                 self.__dict__["_hat_mask_config"] = input._src.hat_config  # the masks this norm's input went through
             y = self._normalize(x, slot, mask, mark=not folded,
                                 deviation=self._forward_deviation(task, scale, input._src))
+            y = self._hat_post_forward(y, mask)
             mask = input._unit_mask if known else None
             return input._derive(y, mask=None, unit_mask=mask, unit_dim=1, src=input._src, repeat=input._repeat)
         if _trace.ACTIVE is not None:
@@ -161,17 +370,20 @@ class _TaskIndexedBatchNorm(TaskTracked, nn.Module):
 
     def _hat_forward_tensor(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
-            slot = self.hat_task
-            mask = _sources_mask(self._hat_sources)
-            return self._normalize_compiled(x, slot, mask)
+            mask = self._hat_map_mask()
+            return self._hat_post_forward(self._normalize_compiled(x, self.hat_task, mask), mask)
         task, scale = self._hat_state
         slot = self._hat_slot(task)
-        sources = self._hat_sources
-        if task is None or not sources:
-            return self._normalize(x, slot, None, deviation=self._forward_deviation(task, scale, None))
+        unit_map = self._hat_unit_map
+        if task is None or unit_map is None:
+            y = self._normalize(x, slot, None, deviation=self._forward_deviation(task, scale, None))
+            return self._hat_post_forward(y, None)
         # the layers feeding this norm leave their masks (and their probes) to it
-        mask = _sources_mask(sources, mark=True)
-        return self._normalize(x, slot, mask, mark=False, deviation=self._forward_deviation(task, scale, sources[0]))
+        mask = self._hat_map_mask(mark=True)
+        sources = unit_map.sources
+        y = self._normalize(x, slot, mask, mark=False,
+                            deviation=self._forward_deviation(task, scale, sources[0] if sources else None))
+        return self._hat_post_forward(y, mask)
 
     def _normalize_compiled(self, x: torch.Tensor, slot: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """``_normalize`` for a slot held in a 0-d tensor: the running statistics of the row are
@@ -226,64 +438,14 @@ class _TaskIndexedBatchNorm(TaskTracked, nn.Module):
             weight, bias = rows(self, slot, self.weight, self.bias, mark=mark)
             if mask is not None:
                 weight, bias = weight * mask, bias * mask
-        y = F.batch_norm(x, running_mean, running_var, weight, bias, use_batch_stats, factor or 0.0, self.eps)
+        y = self._batch_norm(x, running_mean, running_var, weight, bias, use_batch_stats, factor or 0.0)
         if mask is not None and not self.affine:
             y = y * _along(mask, 1, y.dim())
         return y
 
-    @classmethod
-    def from_base_module(cls, base_module: nn.Module, hat_config: Any = None, num_tasks: Any = None,
-                         **kwargs: Any) -> _TaskIndexedBatchNorm:
-        """Every task slot (and the no-task slot) starts from ``base_module``'s affine parameters and
-        running statistics. Any BatchNorm of the right dimensionality converts (SyncBatchNorm
-        too); one with submodules (a fused activation) needs a mapping class that keeps them."""
-        from hat.modules.linear import _num_tasks_from
-
-        n = _num_tasks_from(cls, hat_config, num_tasks)
-        if not isinstance(base_module, nn.modules.batchnorm._BatchNorm):
-            raise HATTypeError(f"{cls.__name__}.from_base_module expects a BatchNorm; got {type(base_module).__name__}")
-        children = [name for name, _ in base_module.named_children()]
-        if children:
-            raise HATTypeError(f"{cls.__name__}.from_base_module: {type(base_module).__name__} has submodules "
-                               f"({', '.join(children)}) that a task-indexed BatchNorm would drop; map it to a class "
-                               "that keeps them")
-        ref = base_module.weight if base_module.weight is not None else base_module.running_mean
-        new = cls(n, base_module.num_features, eps=base_module.eps, momentum=base_module.momentum,
-                  affine=base_module.affine, track_running_stats=base_module.track_running_stats,
-                  device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype)
-        with torch.no_grad():
-            for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
-                src, dst = getattr(base_module, name, None), getattr(new, name, None)
-                if src is not None and dst is not None:
-                    dst.copy_(src.detach().expand_as(dst))
-        if hat_config is not None:
-            new.__dict__["_hat_mask_config"] = hat_config  # the masks of the model it is converted with
-        new.train(base_module.training)
-        return new
-
-    def to_base_module(self, task_id: Any = None, **kwargs: Any) -> nn.Module:
-        """The torch BatchNorm of ``task_id`` (its row of parameters and statistics), with the hard
-        masks this norm applies folded into its affine (``task_id=None``: the no-task slot)."""
-        task = check_task_id(task_id, self.num_tasks)
-        slot = self._hat_slot(task)
-        mask = _hard_sources_mask(self._hat_sources, task)
-        ref = self.weight if self.weight is not None else self.running_mean
-        plain = self._hat_base(self.num_features, eps=self.eps, momentum=self.momentum,
-                               affine=self.affine or mask is not None, track_running_stats=self.track_running_stats,
-                               device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype)
-        with torch.no_grad():
-            if self.affine:
-                plain.weight.copy_(self.weight[slot])
-                plain.bias.copy_(self.bias[slot])
-            if mask is not None:
-                plain.weight.mul_(mask)
-                plain.bias.mul_(mask)
-            if self.track_running_stats:
-                plain.running_mean.copy_(self.running_mean[slot])
-                plain.running_var.copy_(self.running_var[slot])
-                plain.num_batches_tracked.copy_(self.num_batches_tracked[slot])
-        plain.train(self.training)
-        return plain
+    def _batch_norm(self, x: torch.Tensor, running_mean: Any, running_var: Any, weight: Any, bias: Any,
+                    use_batch_stats: bool, factor: float) -> torch.Tensor:
+        return F.batch_norm(x, running_mean, running_var, weight, bias, use_batch_stats, factor, self.eps)
 
     def extra_repr(self) -> str:
         return (f"num_tasks={self.num_tasks}, num_features={self.num_features}, eps={self.eps}, momentum={self.momentum}, "
@@ -308,15 +470,55 @@ class TaskIndexedBatchNorm3d(_TaskIndexedBatchNorm):
     _expected_dims = (5,)
 
 
-class TaskIndexedLayerNorm(TaskTracked, nn.Module):
+class TaskIndexedSyncBatchNorm(_TaskIndexedBatchNorm):
+    """``nn.SyncBatchNorm``, task-indexed: in training under ``torch.distributed`` with more than
+    one process, the batch statistics of the task's row are computed over every process, as
+    torch's SyncBatchNorm does (on GPUs; like it, a CPU input then raises). Otherwise, and in
+    evaluation, it is a task-indexed BatchNorm of any dimensionality."""
+
+    _hat_base = nn.SyncBatchNorm
+    _expected_dims = (2, 3, 4, 5)
+
+    def __init__(self, num_tasks: int, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, process_group: Any = None,
+                 device: Any = None, dtype: Any = None) -> None:
+        super().__init__(num_tasks, num_features, eps=eps, momentum=momentum, affine=affine,
+                         track_running_stats=track_running_stats, device=device, dtype=dtype)
+        self.process_group = process_group
+
+    @classmethod
+    def _hat_args_of(cls, base: nn.Module) -> dict[str, Any]:
+        return dict(super()._hat_args_of(base), process_group=getattr(base, "process_group", None))
+
+    def _hat_default_base(self) -> nn.Module:
+        plain = super()._hat_default_base()
+        plain.process_group = self.process_group
+        return plain
+
+    def _batch_norm(self, x: torch.Tensor, running_mean: Any, running_var: Any, weight: Any, bias: Any,
+                    use_batch_stats: bool, factor: float) -> torch.Tensor:
+        dist = torch.distributed
+        if self.training and use_batch_stats and dist.is_available() and dist.is_initialized():
+            group = self.process_group or dist.group.WORLD
+            world = dist.get_world_size(group)
+            if world > 1:
+                if x.device.type == "cpu":
+                    raise HATValueError(f"{type(self).__name__} synchronizes statistics on GPUs only, as "
+                                        "torch.nn.SyncBatchNorm does; got a CPU input under torch.distributed")
+                from torch.nn.modules._functions import SyncBatchNorm as _Sync
+
+                return _Sync.apply(x, weight, bias, running_mean, running_var, self.eps, factor, group, world)
+        return super()._batch_norm(x, running_mean, running_var, weight, bias, use_batch_stats, factor)
+
+
+class TaskIndexedLayerNorm(_TaskIndexedNorm):
     """LayerNorm with one ``weight``/``bias`` per task, stacked ``[num_tasks + 1, *normalized_shape]``.
 
     LayerNorm's statistics mix all units, so a payload's mask is applied before it (units a
     task does not use cannot move that task's statistics) and again after it (they leave as 0).
     """
 
-    _hat_row_params = ("weight", "bias")
-    _hat_sources: tuple[Any, ...] = ()
+    _hat_base = nn.LayerNorm
 
     def __init__(self, num_tasks: int, normalized_shape: Any, eps: float = 1e-5, elementwise_affine: bool = True,
                  bias: bool = True, device: Any = None, dtype: Any = None) -> None:
@@ -335,16 +537,37 @@ class TaskIndexedLayerNorm(TaskTracked, nn.Module):
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
+        self.register_buffer("hat_unit_gather", None, persistent=False)
         self._hat_init_tracking(num_tasks, device)
+
+    @property
+    def num_units(self) -> int:
+        return self.normalized_shape[-1]
+
+    def _hat_unit_dim(self, ndim: int) -> int | None:
+        return ndim - 1 if len(self.normalized_shape) == 1 else None
+
+    @classmethod
+    def _hat_args_of(cls, base: nn.Module) -> dict[str, Any]:
+        return dict(normalized_shape=base.normalized_shape, eps=base.eps, elementwise_affine=base.elementwise_affine,
+                    bias=getattr(base, "bias", None) is not None)
+
+    def _hat_default_base(self) -> nn.Module:
+        ref = self.weight
+        return nn.LayerNorm(self.normalized_shape, eps=self.eps, elementwise_affine=self.elementwise_affine,
+                            bias=self.bias is not None, device=None if ref is None else ref.device,
+                            dtype=None if ref is None else ref.dtype)
 
     def forward(self, input: Any) -> Any:
         if isinstance(input, HATPayload):
             task, _ = self._hat_begin(input)
             slot = self._hat_slot(task)
             x = input.data  # masked before the norm
-            mask = input._unit_mask if task is not None and input._unit_dim % x.dim() == x.dim() - 1 else None
-            y = self._normalize(x, slot, mask)  # reports the slot to the probe
-            return input._derive(y, mask=None, unit_mask=mask, unit_dim=-1, src=input._src, repeat=input._repeat)
+            dim = self._hat_unit_dim(x.dim())
+            mask = input._unit_mask if task is not None and dim is not None and input._unit_dim % x.dim() == dim else None
+            y = self._hat_post_forward(self._normalize(x, slot, mask), mask)  # reports the slot to the probe
+            return input._derive(y, mask=None, unit_mask=mask, unit_dim=-1 if dim is None else dim, src=input._src,
+                                 repeat=input._repeat)
         if _trace.ACTIVE is not None:
             return _trace.ACTIVE.call(self, input, self._hat_forward_tensor)
         return self._hat_forward_tensor(input)
@@ -354,12 +577,12 @@ class TaskIndexedLayerNorm(TaskTracked, nn.Module):
         # applied again after the norm
         if torch.compiler.is_compiling():
             slot: Any = self.hat_task
-            mask = _sources_mask(self._hat_sources)
+            mask = self._hat_map_mask()
         else:
             task, _ = self._hat_state
             slot = self._hat_slot(task)
-            mask = None if task is None else _sources_mask(self._hat_sources)
-        return self._normalize(x, slot, mask)
+            mask = None if task is None else self._hat_map_mask()
+        return self._hat_post_forward(self._normalize(x, slot, mask), mask)
 
     def _normalize(self, x: torch.Tensor, slot: Any, mask: torch.Tensor | None) -> torch.Tensor:
         weight, bias = rows(self, slot, self.weight, self.bias)
@@ -370,70 +593,111 @@ class TaskIndexedLayerNorm(TaskTracked, nn.Module):
         y = F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
         return y if mask is None else y * mask
 
-    @classmethod
-    def from_base_module(cls, base_module: nn.Module, hat_config: Any = None, num_tasks: Any = None,
-                         **kwargs: Any) -> TaskIndexedLayerNorm:
-        """Every task slot (and the no-task slot) starts from ``base_module``'s weight and bias."""
-        from hat.modules.linear import _num_tasks_from
-
-        n = _num_tasks_from(cls, hat_config, num_tasks)
-        if not isinstance(base_module, nn.LayerNorm):
-            raise HATTypeError(f"{cls.__name__}.from_base_module expects an nn.LayerNorm; got {type(base_module).__name__}")
-        w = base_module.weight
-        new = cls(n, base_module.normalized_shape, eps=base_module.eps,
-                  elementwise_affine=base_module.elementwise_affine, bias=base_module.bias is not None,
-                  device=None if w is None else w.device, dtype=None if w is None else w.dtype)
-        with torch.no_grad():
-            if w is not None:
-                new.weight.copy_(w.detach().expand_as(new.weight))
-            if base_module.bias is not None and new.bias is not None:
-                new.bias.copy_(base_module.bias.detach().expand_as(new.bias))
-        new.train(base_module.training)
-        return new
-
-    def to_base_module(self, task_id: Any = None, **kwargs: Any) -> nn.Module:
-        """The nn.LayerNorm of ``task_id`` with the hard masks this norm applies folded in."""
-        task = check_task_id(task_id, self.num_tasks)
-        slot = self._hat_slot(task)
-        mask = _hard_sources_mask(self._hat_sources, task)
-        has_bias = self.bias is not None or mask is not None
-        ref = self.weight
-        plain = nn.LayerNorm(self.normalized_shape, eps=self.eps,
-                             elementwise_affine=self.elementwise_affine or mask is not None, bias=has_bias,
-                             device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype)
-        with torch.no_grad():
-            if self.weight is not None:
-                plain.weight.copy_(self.weight[slot])
-            if self.bias is not None:
-                plain.bias.copy_(self.bias[slot])
-            elif has_bias:
-                plain.bias.zero_()
-            if mask is not None:
-                plain.weight.mul_(mask)
-                plain.bias.mul_(mask)
-        plain.train(self.training)
-        return plain
-
     def extra_repr(self) -> str:
         return f"num_tasks={self.num_tasks}, {self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
 
 
-def _sources_mask(sources: tuple[Any, ...], mark: bool = False) -> torch.Tensor | None:
-    """The union (elementwise max) of the current masks of ``sources``; None without sources.
-    ``mark`` (eager): each mask reports the task to its layer's probe."""
-    mask = None
-    for src in sources:
-        m = src._hat_current_mask(mark)
-        mask = m if mask is None else torch.maximum(mask, m)
-    return mask
+class TaskIndexedLayerNorm2d(TaskIndexedLayerNorm):
+    """A LayerNorm over the channels of ``[N, C, H, W]`` inputs (timm's and torchvision's
+    ``LayerNorm2d``, ConvNeXt's), task-indexed: the statistics of each position over its ``C``
+    channels; per-task ``weight``/``bias`` ``[num_tasks + 1, C]``."""
+
+    def __init__(self, num_tasks: int, num_channels: Any, eps: float = 1e-6, elementwise_affine: bool = True,
+                 bias: bool = True, device: Any = None, dtype: Any = None) -> None:
+        super().__init__(num_tasks, num_channels, eps=eps, elementwise_affine=elementwise_affine, bias=bias,
+                         device=device, dtype=dtype)
+
+    def _hat_unit_dim(self, ndim: int) -> int | None:
+        return 1
+
+    @classmethod
+    def _hat_accepts(cls, base: nn.Module) -> bool:
+        return isinstance(base, nn.LayerNorm) and len(base.normalized_shape) == 1
+
+    @classmethod
+    def _hat_args_of(cls, base: nn.Module) -> dict[str, Any]:
+        return dict(num_channels=base.normalized_shape[0], eps=base.eps, elementwise_affine=base.elementwise_affine,
+                    bias=getattr(base, "bias", None) is not None)
+
+    def _hat_default_base(self) -> nn.Module:
+        raise HATTypeError("TaskIndexedLayerNorm2d has no torch counterpart to unconvert to; convert it from a "
+                           "LayerNorm2d module (timm's or torchvision's) to get that module back")
+
+    def _normalize(self, x: torch.Tensor, slot: Any, mask: torch.Tensor | None) -> torch.Tensor:
+        return super()._normalize(x.permute(0, 2, 3, 1), slot, mask).permute(0, 3, 1, 2)
 
 
-def _hard_sources_mask(sources: tuple[Any, ...], task: int | None) -> torch.Tensor | None:
-    if task is None or not sources:
-        return None
-    with torch.no_grad():
-        mask = None
-        for src in sources:
-            m = src._hat_mask(task, None)
-            mask = m if mask is None else torch.maximum(mask, m)
-    return mask
+class TaskIndexedGroupNorm(_TaskIndexedNorm):
+    """GroupNorm with one ``weight``/``bias`` ``[num_tasks + 1, num_channels]`` per task.
+
+    Its statistics mix the channels of a group: the input arrives with the units a task does
+    not use at exact 0 (so later tasks cannot move the statistics of earlier ones), and the mask
+    is applied again after it, folded into the affine."""
+
+    _hat_base = nn.GroupNorm
+
+    def __init__(self, num_tasks: int, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
+                 device: Any = None, dtype: Any = None) -> None:
+        super().__init__()
+        num_tasks = _num_tasks(num_tasks)
+        if num_channels % num_groups:
+            raise HATValueError(f"num_channels={num_channels} must be divisible by num_groups={num_groups}")
+        self.num_groups = num_groups
+        self.num_channels = num_channels
+        self.eps = eps
+        self.affine = affine
+        kw = dict(device=device, dtype=dtype)
+        slots = num_tasks + 1
+        if affine:
+            self.weight = nn.Parameter(torch.ones(slots, num_channels, **kw))
+            self.bias = nn.Parameter(torch.zeros(slots, num_channels, **kw))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.register_buffer("hat_unit_gather", None, persistent=False)
+        self._hat_init_tracking(num_tasks, device)
+
+    @property
+    def num_units(self) -> int:
+        return self.num_channels
+
+    @classmethod
+    def _hat_args_of(cls, base: nn.Module) -> dict[str, Any]:
+        return dict(num_groups=base.num_groups, num_channels=base.num_channels, eps=base.eps, affine=base.affine)
+
+    def _hat_default_base(self) -> nn.Module:
+        ref = self.weight
+        return nn.GroupNorm(self.num_groups, self.num_channels, eps=self.eps, affine=self.affine,
+                            device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype)
+
+    def forward(self, input: Any) -> Any:
+        if isinstance(input, HATPayload):
+            task, _ = self._hat_begin(input)
+            x = input.data  # masked before the norm
+            mask = input._unit_mask if task is not None and input._unit_dim % x.dim() == 1 else None
+            y = self._hat_post_forward(self._normalize(x, self._hat_slot(task), mask), mask)
+            return input._derive(y, mask=None, unit_mask=mask, unit_dim=1, src=input._src, repeat=input._repeat)
+        if _trace.ACTIVE is not None:
+            return _trace.ACTIVE.call(self, input, self._hat_forward_tensor)
+        return self._hat_forward_tensor(input)
+
+    def _hat_forward_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            slot: Any = self.hat_task
+            mask = self._hat_map_mask()
+        else:
+            task, _ = self._hat_state
+            slot = self._hat_slot(task)
+            mask = None if task is None else self._hat_map_mask()
+        return self._hat_post_forward(self._normalize(x, slot, mask), mask)
+
+    def _normalize(self, x: torch.Tensor, slot: Any, mask: torch.Tensor | None) -> torch.Tensor:
+        weight, bias = rows(self, slot, self.weight, self.bias)
+        if mask is not None and weight is not None:
+            weight, bias, mask = weight * mask, bias * mask, None
+        y = F.group_norm(x, self.num_groups, weight, bias, self.eps)
+        return y if mask is None else y * _along(mask, 1, y.dim())
+
+    def extra_repr(self) -> str:
+        return (f"num_tasks={self.num_tasks}, num_groups={self.num_groups}, num_channels={self.num_channels}, "
+                f"eps={self.eps}, affine={self.affine}")

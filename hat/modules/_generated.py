@@ -1,0 +1,66 @@
+"""HAT classes derived for subclasses of the torch layers (timm's ``Conv2dSame``, ``StdConv2d``,
+torch's ``NonDynamicallyQuantizableLinear`` ...), made on demand by ``derive``.
+
+``HATConv2d`` for a ``Conv2dSame`` is ``class HATConv2dSame(HATConv2d, Conv2dSame)``: the HAT
+bookkeeping of the one, the forward and attributes of the other. Each class gets a name in this
+module that encodes both parents, and this module's ``__getattr__`` makes it again from that
+name, so a pickled model (``torch.save(model)``) loads in a new process.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = ["derive"]
+
+_MADE: dict[tuple[type, type], type] = {}
+
+# base classes whose weight is transformed row by row before use (weight standardization): an
+# entry of a row that a task does not read still moves the values that task reads, so the rows
+# of used units are protected whole
+_ROW_MIXING = ("StdConv1d", "StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame")
+
+
+def _escape(text: str) -> str:
+    return text.replace("_", "_0").replace(".", "_1")
+
+
+def _unescape(text: str) -> str:
+    return text.replace("_1", ".").replace("_0", "_")
+
+
+def derive(hat_cls: type, base: type) -> type:
+    """The class deriving from ``hat_cls`` and ``base`` (a subclass of ``hat_cls``'s torch layer)."""
+    key = (hat_cls, base)
+    made = _MADE.get(key)
+    if made is None:
+        name = f"{hat_cls.__name__}__{_escape(base.__module__)}__{_escape(base.__qualname__)}"
+        attrs: dict[str, Any] = {
+            "_hat_base": base,
+            "__module__": __name__,
+            "__qualname__": name,
+            "__doc__": f"{hat_cls.__name__} for {base.__module__}.{base.__qualname__}.\n\n{hat_cls.__doc__ or ''}",
+        }
+        if base.__name__ in _ROW_MIXING:
+            attrs["_hat_whole_rows"] = "weight standardization mixes every entry of a row"
+        made = _MADE[key] = type(name, (hat_cls, base), attrs)
+        globals()[name] = made
+    return made
+
+
+def __getattr__(name: str) -> type:
+    """Make a derived class again from its name (unpickling in a new process)."""
+    try:
+        hat_name, module, qualname = name.split("__")
+    except ValueError:
+        raise AttributeError(name) from None
+    import hat.modules
+
+    hat_cls = getattr(hat.modules, hat_name, None)
+    base: Any = importlib.import_module(_unescape(module))
+    for part in _unescape(qualname).split("."):
+        base = getattr(base, part)
+    if not isinstance(hat_cls, type) or not isinstance(base, type):
+        raise AttributeError(name)  # noqa: TRY004 - what a module's __getattr__ raises
+    return derive(hat_cls, base)

@@ -26,9 +26,14 @@ from hat._core import TaskTracked, _check_config, task_modules
 from hat._errors import HATTypeError, HATValueError
 from hat.config import HATConfig
 from hat._mapping import DEFAULT_MAPPING, default_mapping
+from hat._task_params import candidates, make_task_parameters
 from hat.modules import TaskIndexedLinear
 
 __all__ = ["convert", "unconvert", "set_task", "task", "DEFAULT_MAPPING"]
+
+# layer families whose instances (subclasses included) are converted or left plain, never split per task
+_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
+           nn.MultiheadAttention, nn.Embedding)
 
 Pattern = str | Sequence[str] | None
 
@@ -142,8 +147,13 @@ def _check_wrapped(model: Any, what: str) -> None:
                            "(or before wrapping) and wrap the result")
 
 
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
 def _classifier_name(model: nn.Module, classifier: Any, modules: dict[str, nn.Module]) -> tuple[str | None, list[str]]:
-    """(the classifier to turn into a TaskIndexedLinear, modules to leave plain as per-task heads)."""
+    """(the classifier to make per task, modules to leave plain as per-task heads). An nn.Linear
+    becomes a TaskIndexedLinear; a convolution (a fully convolutional classifier, SqueezeNet's)
+    gets its weight and bias per task."""
     if classifier is None:  # the classifier found as for "auto" stays as it is
         head, plain = _classifier_name(model, "auto", modules)
         return None, plain + ([head] if head is not None else [])
@@ -153,18 +163,19 @@ def _classifier_name(model: nn.Module, classifier: Any, modules: dict[str, nn.Mo
         found = modules.get(classifier)
         if found is None:
             raise HATValueError(f"classifier={classifier!r} names no module of {type(model).__name__}")
-        if type(found) is not nn.Linear:
-            raise HATTypeError(f"classifier={classifier!r} is a {type(found).__name__}; only an nn.Linear can become a "
-                               "task-indexed head")
+        if type(found) is not nn.Linear and type(found) not in _CONVS:
+            raise HATTypeError(f"classifier={classifier!r} is a {type(found).__name__}; only an nn.Linear or an "
+                               "nn.Conv1d/2d/3d can become a per-task head")
         return classifier, []
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
     if isinstance(cfg, Mapping) and isinstance(cfg.get("classifier"), str):
         name = cfg["classifier"]
         found = modules.get(name)
-        return (name if type(found) is nn.Linear else None), []
+        return (name if type(found) is nn.Linear or type(found) in _CONVS else None), []
     linears = [n for n, m in modules.items() if type(m) is nn.Linear and n]
-    if not linears:
-        return None, []
+    if not linears:  # a fully convolutional classifier: the last convolution
+        convs = [n for n, m in modules.items() if type(m) in _CONVS and n]
+        return (convs[-1] if convs else None), []
     last = linears[-1]
     parent = modules.get(last.rpartition(".")[0]) if "." in last else model
     if isinstance(parent, (nn.ModuleList, nn.ModuleDict)):
@@ -178,9 +189,10 @@ def convert(model: nn.Module, hat_config: HATConfig, *, include: Pattern = None,
             mapping: Mapping[type, type | None] | None = None, classifier: Any = "auto") -> nn.Module:
     """Turn a plain model into a HAT model in place; its forward still takes and returns tensors.
 
-    Modules of exactly the mapped types (default: nn.Linear, nn.Conv1d/2d/3d, nn.BatchNorm1d/2d/3d,
-    nn.LayerNorm) become HAT layers / task-indexed norms keeping every weight, buffer and
-    Parameter object. ``classifier="auto"`` turns the classifier (timm's
+    Modules of exactly the mapped types (default: nn.Linear, nn.Conv1d/2d/3d, the torch norms, and
+    timm's and torchvision's layer families, see ``hat._mapping``) become HAT layers / task-indexed
+    norms keeping every weight, buffer and Parameter object. The parameters other modules hold
+    themselves (class tokens, position embeddings, layer scales) get one row per task. ``classifier="auto"`` turns the classifier (timm's
     ``pretrained_cfg['classifier']``, else the last nn.Linear) into a ``TaskIndexedLinear`` head,
     one per task, each starting from its weights; per-task heads the model already has (the last
     nn.Linear sits in a ModuleList/ModuleDict) stay plain. A module name picks the classifier;
@@ -228,6 +240,8 @@ def convert(model: nn.Module, hat_config: HATConfig, *, include: Pattern = None,
         kind = "head" if name == head else table.get(type(m))
         if kind is None:
             continue
+        if kind != "head" and getattr(kind, "_hat_unsupported", None) is not None and kind._hat_unsupported(m):
+            continue  # an instance of a mapped type in a configuration its HAT type does not cover: plain
         if inc is not None and not inc(name):
             continue
         if exc is not None and exc(name):
@@ -244,10 +258,24 @@ def convert(model: nn.Module, hat_config: HATConfig, *, include: Pattern = None,
     converted = {n for n, _, _ in targets}
     shared = [n for n, m in modules.items() if n and n not in converted
               and isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    # the parameters other modules hold themselves (tokens, layer scales): one row per task
+    owners = Counter(id(p) for m in modules.values() for p in m._parameters.values() if p is not None)
+    per_task = []
+    for name, m in modules.items():
+        if name in converted or name in plain_heads or name == head or isinstance(m, (TaskTracked, *_LAYERS)):
+            continue  # a layer left plain stays whole: its own weights are not small per-task extras
+        if (inc is not None and not inc(name)) or (exc is not None and exc(name)):
+            continue
+        names = [n for n in candidates(m) if owners[id(m._parameters[n])] == 1]
+        if names:
+            per_task.append((m, names))
 
     # -- build the replacements (nothing swapped yet) ------------------------------------------
     built: list[tuple[str, nn.Module]] = []
     for name, m, kind in targets:
+        if kind == "head" and type(m) in _CONVS:
+            per_task.append((m, [n for n in ("weight", "bias") if m._parameters.get(n) is not None]))
+            continue  # a convolution head: its own weight and bias per task, in place (below)
         if kind == "head":
             new = TaskIndexedLinear.from_base_module(m, hat_config=hat_config)
         else:
@@ -258,6 +286,8 @@ def convert(model: nn.Module, hat_config: HATConfig, *, include: Pattern = None,
     for name, new in built:
         parent_name, _, attr = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, attr, new)
+    for m, names in per_task:
+        make_task_parameters(m, names, hat_config.num_tasks)
     model.__dict__["_hat_shared_norms"] = shared
     model.__dict__["_hat_plain_heads"] = plain_heads
     _ensure_root_hook(model)
@@ -284,10 +314,11 @@ def unconvert(model: nn.Module, task_id: Any) -> nn.Module:
     for key in ("_hat_shared_norms", "_hat_plain_heads"):
         clone.__dict__.pop(key, None)
     replace = [(n, m) for n, m in clone.named_modules() if isinstance(m, TaskTracked)]
-    plain = {n: m.to_base_module(task_id=checked[m.num_tasks]) for n, m in replace}
-    for name, new in plain.items():
-        parent_name, _, attr = name.rpartition(".")
+    # deepest first: a module's plain copy then holds the plain copies of its children
+    for name, m in sorted(replace, key=lambda item: -(item[0].count(".") + bool(item[0]))):
+        new = m.to_base_module(task_id=checked[m.num_tasks])
         if not name:
             return new
+        parent_name, _, attr = name.rpartition(".")
         setattr(clone.get_submodule(parent_name) if parent_name else clone, attr, new)
     return clone

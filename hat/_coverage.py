@@ -13,7 +13,7 @@ from typing import Literal, NamedTuple
 
 from torch import nn
 
-from hat._core import HATMasked
+from hat._core import HATMasked, TaskTracked
 from hat._units import MODEL_INPUT
 
 __all__ = ["LayerCoverage", "coverage"]
@@ -51,27 +51,17 @@ def coverage(model: nn.Module) -> list[LayerCoverage]:
     heads = set(model.__dict__.get("_hat_plain_heads", ()))  # per-task heads left plain on purpose
     for name, m in model.named_modules():
         kind = type(m).__name__
-        if name in heads:
-            continue
+        if name in heads or type(m).__name__ == "NonDynamicallyQuantizableLinear":
+            continue  # per-task heads left plain on purpose; a plain attention's out_proj: its attention says
         if isinstance(m, HATMasker):
             continue  # masks its input: no weights to protect
         if isinstance(m, HATMasked):
             out.append(_layer(name or kind, kind, m))
-        elif isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)) and not _inside_hat(
-                model, name):
+        elif isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)) and not isinstance(
+                m, TaskTracked):  # a convolution head with per-task weights is not plain
             out.append(LayerCoverage(name or kind, kind, "plain", 0.0,
                                      f"{kind} is not converted (a type hat.convert does not map; pass mapping=...)"))
     return out
-
-
-def _inside_hat(model: nn.Module, name: str) -> bool:
-    """Whether a HAT module owns the module at ``name`` (an attention's output projection)."""
-    parts = name.split(".")
-    for k in range(len(parts) - 1, 0, -1):
-        parent = model.get_submodule(".".join(parts[:k]))
-        if isinstance(parent, HATMasked) and getattr(parent, "_hat_owns_children", False):
-            return True
-    return False
 
 
 def _layer(name: str, kind: str, m: HATMasked) -> LayerCoverage:

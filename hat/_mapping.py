@@ -17,6 +17,7 @@ from hat.modules import (
     HATConv2d,
     HATConv3d,
     HATLinear,
+    HATMultiheadAttention,
     TaskIndexedBatchNorm1d,
     TaskIndexedBatchNorm2d,
     TaskIndexedBatchNorm3d,
@@ -40,6 +41,7 @@ DEFAULT_MAPPING: dict[type[nn.Module], type[nn.Module]] = {
     nn.SyncBatchNorm: TaskIndexedSyncBatchNorm,
     nn.LayerNorm: TaskIndexedLayerNorm,
     nn.GroupNorm: TaskIndexedGroupNorm,
+    nn.MultiheadAttention: HATMultiheadAttention,
 }
 
 # timm.layers names -> the HAT type (getattr: names differ between timm versions)

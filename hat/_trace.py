@@ -87,6 +87,7 @@ class _Recorder(TorchFunctionMode):
         self.inputs: dict[nn.Module, list[tuple[_Units, int]]] = {}  # HAT module -> (input units, input ndim)
         self.depth = 0
         self.weights: dict[int, nn.Module] = {}  # id(weight of a masked layer) -> the layer
+        self.dense_norms: set[nn.Module] = set()  # norms found fed different units in different calls
         self.read_directly: dict[nn.Module, str] = {}  # masked layer -> the op that read its weight by hand
 
     def get(self, t: torch.Tensor) -> _Units | None:
@@ -96,12 +97,15 @@ class _Recorder(TorchFunctionMode):
     def put(self, t: torch.Tensor, units: _Units) -> None:
         self.units[id(t)] = (t, units)
 
-    def call(self, module: nn.Module, x: Any, forward: Callable[[Any], Any]) -> Any:
-        """Run a HAT module's tensor forward, noting what its input carried and what it gives."""
+    def call(self, module: nn.Module, x: Any, forward: Callable[[Any], Any], dense_input: str | None = None) -> Any:
+        """Run a HAT module's tensor forward, noting what its input carried and what it gives
+        (``dense_input``: why its input counts as dense whatever ``x`` carries)."""
         from hat._core import HATMasked
         from hat.modules.linear import TaskIndexedLinear
 
         carried = self.get(x) if isinstance(x, torch.Tensor) else None
+        if dense_input is not None:
+            carried = _dense(dense_input)
         ndim = x.dim() if isinstance(x, torch.Tensor) else -1
         self.inputs.setdefault(module, []).append((carried or _dense("a tensor made outside the traced call"), ndim))
         if isinstance(x, torch.Tensor):
@@ -118,9 +122,15 @@ class _Recorder(TorchFunctionMode):
             self.outputs.setdefault(module, []).append(y)
         elif isinstance(module, TaskIndexedLinear):
             self.put(y, _dense("the outputs of a task-indexed head"))
-        else:  # a norm: masks again with what it was fed, so its units are what came in
-            self.put(y, carried if carried is not None and y.shape == x.shape else _dense("a norm's output"))
+        else:  # a norm masks again with what it was fed, where it can (see _masks_again)
+            self.put(y, carried if _masks_again(module, carried, x, y, self.dense_norms) else _dense(
+                "a norm that cannot mask its output again (fed units along another dimension, or different units "
+                "in different calls)"))
         return y
+
+    def put_layer_output(self, y: torch.Tensor, layer: nn.Module) -> None:
+        """``y`` carries ``layer``'s units (a layer computed inside another one's forward)."""
+        self.put(y, _layer_units(layer, y.dim()))
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -128,20 +138,21 @@ class _Recorder(TorchFunctionMode):
         if self.depth:
             return out
         flat_in = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
-        for a in flat_in:  # a masked layer's weight used outside its forward: its mask never applies
-            owner = self.weights.get(id(a))
-            if owner is not None and owner.weight is a:
-                self.read_directly.setdefault(owner, getattr(func, "__name__", "an op"))
+        flat_out = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
+        name = getattr(func, "__name__", "")
+        if flat_out and name != "__get__":  # data flows (not .dtype, .shape, .data of a weight)
+            for a in flat_in:  # a masked layer's weight used outside its forward: its mask never applies
+                owner = self.weights.get(id(a))
+                if owner is not None and owner.weight is a:
+                    self.read_directly.setdefault(owner, name or "an op")
         carried = [(a, self.get(a)) for a in flat_in]
         if not any(u is not None for _, u in carried):
             return out
-        flat_out = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
         if not flat_out:
             return out  # metadata (.shape, .dim(), ...): no data flows
         for a, u in carried:
             if u is not None:
                 self.uses[id(a)] = self.uses.get(id(a), 0) + 1
-        name = getattr(func, "__name__", "")
         rule = _RULES.get(name)
         try:
             got = rule(self, args, kwargs, out) if rule is not None else _dense(f"`{name}` is not followed")
@@ -161,6 +172,16 @@ class _Recorder(TorchFunctionMode):
                 return got
             return _dense("a tensor no mask reaches (a parameter, a buffer, a constant)")
         return _dense("a constant")
+
+
+def _masks_again(norm: nn.Module, carried: _Units | None, x: Any, y: torch.Tensor, dense_norms: set) -> bool:
+    """Whether a task-indexed norm's output carries its input's units: it masks its output again
+    only with units along its own unit dimension, the same in every call."""
+    if carried is None or not isinstance(x, torch.Tensor) or y.shape != x.shape or norm in dense_norms:
+        return False
+    if carried.dense:
+        return True  # dense in, dense out
+    return carried.dims == (norm._hat_unit_dim(x.dim()),)
 
 
 # -- unit bookkeeping ----------------------------------------------------------------------------
@@ -619,16 +640,47 @@ def maybe_trace(root: nn.Module, args: tuple, kwargs: dict) -> None:
 
 
 def _trace(root: nn.Module, args: tuple, kwargs: dict) -> None:
-    global ACTIVE
-    from hat._core import HATMasked, task_modules
-    from hat.payload import HATPayload
+    from hat._core import task_modules
+    from hat.modules.norm import _TaskIndexedNorm
 
     modules = task_modules(root)
-    if not modules or any(m.__dict__.get("_hat_link") is not None for m in modules if isinstance(m, HATMasked)):
+    if not modules or any("_hat_link_key" in m.__dict__ for m in modules):
         return  # payload models record their links themselves
     if any(bool(m.hat_trained.any()) for m in modules):
         return  # placement is part of what trained tasks computed: keep it
+    dense_norms: set[nn.Module] = set()
+    while True:  # a norm fed different units in different calls does not mask again: record once more
+        rec = _record(root, args, kwargs, modules, dense_norms)
+        if any("_hat_link_key" in m.__dict__ for m in modules):
+            return  # the layers took payloads and recorded their links themselves: a payload model
+        # norms whose outputs were given their input's units but that will not mask with them
+        unmasked = {m for m, seen in rec.inputs.items() if isinstance(m, _TaskIndexedNorm) and m not in dense_norms
+                    and any(not u.dense for u, _ in seen) and _norm_map(m, seen) is None}
+        if not unmasked:
+            break
+        dense_norms |= unmasked
+    _apply_record(rec, root)
+
+
+def _norm_map(m: Any, seen: list[tuple[_Units, int]]) -> _units.UnitMap | None:
+    """The units a task-indexed norm masks its output with: its input's along its unit dimension,
+    the same in every call and reached by some mask; None where there are none such."""
+    maps = [_unit_map(u, ndim, m._hat_unit_dim(ndim) if ndim > 0 else None, m.num_units, m.num_tasks)
+            for u, ndim in seen]
+    first = maps[0]
+    if first.sources and all(other.same_as(first) for other in maps[1:]):
+        return first
+    return None
+
+
+def _record(root: nn.Module, args: tuple, kwargs: dict, modules: list, dense_norms: set) -> _Recorder:
+    """One recording forward (evaluation mode, no grad)."""
+    global ACTIVE
+    from hat._core import HATMasked
+    from hat.payload import HATPayload
+
     rec = _Recorder()
+    rec.dense_norms = dense_norms
     rec.weights = {id(m.weight): m for m in modules if isinstance(m, HATMasked) and isinstance(
         getattr(m, "weight", None), torch.Tensor)}
     flags = [(m, m.training) for m in root.modules()]
@@ -646,9 +698,7 @@ def _trace(root: nn.Module, args: tuple, kwargs: dict) -> None:
         ACTIVE = None
         for m, flag in flags:
             m.training = flag
-    if any(m.__dict__.get("_hat_link") is not None for m in modules if isinstance(m, HATMasked)):
-        return  # the layers took payloads and recorded their links themselves: a payload model
-    _apply_record(rec, root)
+    return rec
 
 
 def _unit_map(u: _Units, ndim: int, dim: int | None, size: int, num_tasks: int) -> _units.UnitMap:
@@ -688,12 +738,10 @@ def _apply_record(rec: _Recorder, root: nn.Module) -> None:
             for units, ndim in seen:
                 dim = (ndim - 1 if m._hat_default_mask_dim == -1 else 1) if ndim > 0 else None
                 m._hat_set_link(_unit_map(units, ndim, dim, size, m.num_tasks))
-        elif isinstance(m, _TaskIndexedNorm):
-            maps = [_unit_map(units, ndim, m._hat_unit_dim(ndim) if ndim > 0 else None, m.num_units, m.num_tasks)
-                    for units, ndim in seen]
-            first = maps[0]
-            if first.sources and all(other.same_as(first) for other in maps[1:]):
-                m._hat_set_unit_map(first)
+        elif isinstance(m, _TaskIndexedNorm) and m not in rec.dense_norms:
+            unit_map = _norm_map(m, seen)
+            if unit_map is not None:
+                m._hat_set_unit_map(unit_map)
     # a layer read by nothing but one task-indexed BatchNorm leaves its mask to that norm
     for m, outs in rec.outputs.items():
         if isinstance(m, HATMasker) or len(outs) != 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from hat.modules.attention import HATMultiheadAttention
 from hat.modules.conv import HATConv1d, HATConv2d, HATConv3d
 from hat.modules.linear import HATLinear, TaskIndexedLinear
 from hat.modules.masker import FixedMask, HATMasker
@@ -16,7 +17,7 @@ from hat.modules.norm import (
 )
 
 __all__ = [
-    "HATLinear", "HATConv1d", "HATConv2d", "HATConv3d", "HATMasker", "FixedMask", "TaskIndexedLinear",
+    "HATLinear", "HATConv1d", "HATConv2d", "HATConv3d", "HATMultiheadAttention", "HATMasker", "FixedMask", "TaskIndexedLinear",
     "TaskIndexedBatchNorm1d", "TaskIndexedBatchNorm2d", "TaskIndexedBatchNorm3d", "TaskIndexedSyncBatchNorm",
     "TaskIndexedLayerNorm", "TaskIndexedLayerNorm2d", "TaskIndexedGroupNorm",
 ]

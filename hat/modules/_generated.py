@@ -12,9 +12,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["derive"]
+__all__ = ["derive", "derive_params"]
 
-_MADE: dict[tuple[type, type], type] = {}
+_MADE: dict[tuple[Any, ...], type] = {}
 
 # base classes whose weight is transformed row by row before use (weight standardization): an
 # entry of a row that a task does not read still moves the values that task reads, so the rows
@@ -49,18 +49,55 @@ def derive(hat_cls: type, base: type) -> type:
     return made
 
 
-def __getattr__(name: str) -> type:
-    """Make a derived class again from its name (unpickling in a new process)."""
-    try:
-        hat_name, module, qualname = name.split("__")
-    except ValueError:
-        raise AttributeError(name) from None
-    import hat.modules
+def derive_params(base: type, names: tuple[str, ...]) -> type:
+    """The class of a module of class ``base`` whose own parameters ``names`` are per task
+    (``hat._task_params``): reading ``module.<name>`` gives the selected task's row."""
+    from hat._task_params import TaskParameters
 
-    hat_cls = getattr(hat.modules, hat_name, None)
+    key = (TaskParameters, base, names)
+    made = _MADE.get(key)
+    if made is None:
+        name = f"TaskParameters__{_escape(base.__module__)}__{_escape(base.__qualname__)}__{_escape('.'.join(names))}"
+        attrs: dict[str, Any] = {
+            "_hat_base": base,
+            "_hat_row_params": names,
+            "__module__": __name__,
+            "__qualname__": name,
+            "__doc__": f"{base.__qualname__} with its parameters {', '.join(names)} per task (hat._task_params).",
+        }
+        for n in names:
+            attrs[n] = property(lambda self, n=n: self._hat_param_row(n))
+        made = _MADE[key] = type(name, (TaskParameters, base), attrs)
+        globals()[name] = made
+    return made
+
+
+def _import(module: str, qualname: str) -> Any:
     base: Any = importlib.import_module(_unescape(module))
     for part in _unescape(qualname).split("."):
         base = getattr(base, part)
+    return base
+
+
+def __getattr__(name: str) -> type:
+    """Make a derived class again from its name (unpickling in a new process)."""
+    if name.startswith("__"):
+        raise AttributeError(name)
+    try:
+        return _remake(name)
+    except (ImportError, AttributeError, ValueError):
+        raise AttributeError(name) from None
+
+
+def _remake(name: str) -> type:
+    pieces = name.split("__")
+    if len(pieces) == 4 and pieces[0] == "TaskParameters":
+        return derive_params(_import(pieces[1], pieces[2]), tuple(_unescape(pieces[3]).split(".")))
+    hat_name, module, qualname = pieces
+    import hat.modules
+
+    hat_cls = getattr(hat.modules, hat_name, None)
+    base = _import(module, qualname)
     if not isinstance(hat_cls, type) or not isinstance(base, type):
         raise AttributeError(name)  # noqa: TRY004 - what a module's __getattr__ raises
     return derive(hat_cls, base)

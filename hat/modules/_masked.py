@@ -24,6 +24,8 @@ class MaskedLayer(HATMasked):
 
     _hat_base: ClassVar[type[nn.Module]]
     _hat_unit_params = ("weight", "bias")
+    # the parameter whose rows are the output units and whose columns read the input units
+    _hat_weight_name: ClassVar[str] = "weight"
     # set by the trace of a converted model: a task-indexed BatchNorm right after applies the mask
     _hat_defer = False
     # why this layer protects whole rows of used units whatever its input (None: per unit)
@@ -63,7 +65,7 @@ class MaskedLayer(HATMasked):
     def _hat_unit_mask(self, name: str, protected: torch.Tensor) -> torch.Tensor | None:
         out_used = self.used_units(protected)
         param = self._parameters[name]
-        if name != "weight":  # a bias, a per-unit gain: one entry (or block) per output unit
+        if name != self._hat_weight_name:  # a bias, a per-unit gain: one entry (or block) per output unit
             return out_used.view(-1, *([1] * (param.dim() - 1)))
         groups = getattr(self, "groups", 1)
         in_used = None if self._hat_whole_rows else self._hat_input_used(protected, self._hat_in_units())
@@ -96,8 +98,8 @@ class MaskedLayer(HATMasked):
         if not isinstance(base_module, cls._hat_base):
             raise HATTypeError(f"{cls.__name__}.from_base_module expects a {cls._hat_base.__name__}; "
                                f"got {type(base_module).__name__}")
-        weight = base_module.weight
-        extras = tuple(n for n, p in base_module._parameters.items() if p is not None and n not in ("weight", "bias"))
+        weight = getattr(base_module, cls._hat_weight_name)
+        extras = tuple(n for n, p in base_module._parameters.items() if p is not None and n not in cls._hat_unit_params)
         odd = [f"{n} {tuple(base_module._parameters[n].shape)}" for n in extras
                if base_module._parameters[n].shape[:1] != weight.shape[:1]]
         if odd:
@@ -121,7 +123,7 @@ class MaskedLayer(HATMasked):
             if self.mask_dim != self._hat_default_mask_dim:
                 raise HATValueError(f"to_base_module: the mask of {type(self).__name__} is over dimension {self.mask_dim}, "
                                     "which cannot be folded into its weight")
-            mask = (self.task_embedding.detach()[task] > 0).to(self.weight.dtype)
+            mask = (self.task_embedding.detach()[task] > 0).to(getattr(self, self._hat_weight_name).dtype)
         plain = _shallow_clone(self)
         plain.__class__ = self._hat_base
         for name in ("task_embedding",):

@@ -190,6 +190,11 @@ class _TaskIndexedNorm(TaskTracked, nn.Module):
                     if hasattr(plain, flag):
                         setattr(plain, flag, True)
         plain.train(self.training)
+        if mask is not None and not self.__dict__.get("_hat_post_keeps_zero", True):
+            from hat.modules.masker import FixedMask
+
+            # an act that moves 0 (a sigmoid) after the norm: the mask again after it, as the HAT norm does
+            return nn.Sequential(plain, FixedMask(mask, dim=1 if self._hat_unit_dim(4) == 1 else -1))
         return plain
 
     def _hat_default_base(self) -> nn.Module:
@@ -693,10 +698,9 @@ class TaskIndexedGroupNorm(_TaskIndexedNorm):
 
     def _normalize(self, x: torch.Tensor, slot: Any, mask: torch.Tensor | None) -> torch.Tensor:
         weight, bias = rows(self, slot, self.weight, self.bias)
-        if mask is not None and weight is not None:
-            weight, bias, mask = weight * mask, bias * mask, None
-        y = F.group_norm(x, self.num_groups, weight, bias, self.eps)
-        return y if mask is None else y * _along(mask, 1, y.dim())
+        if mask is not None:  # after the norm, folded into the affine (the mask itself without one)
+            weight, bias = (mask, torch.zeros_like(mask)) if weight is None else (weight * mask, bias * mask)
+        return F.group_norm(x, self.num_groups, weight, bias, self.eps)
 
     def extra_repr(self) -> str:
         return (f"num_tasks={self.num_tasks}, num_groups={self.num_groups}, num_channels={self.num_channels}, "

@@ -22,42 +22,21 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
-try:
-    from timm.layers import LayerNorm as TimmLayerNorm
-except ImportError:  # older timm: nn.LayerNorm only
-    TimmLayerNorm = nn.LayerNorm
-
-from hat._core import TaskTracked, rows
-from hat.modules import TaskIndexedLayerNorm
+from hat._task_params import TaskParameters
 from hat.timm_models._common import HATTimmModel, finish, key_check, plain_cfg, require_config
 
 __all__ = ["HATVisionTransformer"]
 
 
-class HATVisionTransformer(HATTimmModel, TaskTracked, VisionTransformer):
+class HATVisionTransformer(HATTimmModel, TaskParameters, VisionTransformer):
     """timm's VisionTransformer, converted to HAT, with per-task ``pos_embed`` and ``cls_token``
-    (stored ``[num_tasks + 1, ...]``; reading the attribute gives the selected task's row, so
-    timm's own forward runs unchanged)."""
+    (made per task by ``hat.convert``, stored ``[num_tasks + 1, 1, ...]``; reading the attribute
+    gives the selected task's row, so timm's own forward runs unchanged)."""
 
-    _hat_row_params = ("pos_embed", "cls_token")
-
-    def _hat_token(self, name: str) -> torch.Tensor | None:
-        p = self._parameters.get(name)
-        if p is None:
-            return None
-        slot: Any = self.hat_task if torch.compiler.is_compiling() else self._hat_slot(self._hat_state[0])
-        return rows(self, slot, p)[0].unsqueeze(0)
-
-    pos_embed = property(lambda self: self._hat_token("pos_embed"))  # type: ignore[assignment]
-    cls_token = property(lambda self: self._hat_token("cls_token"))  # type: ignore[assignment]
-
-    def _hat_make_task_tokens(self, num_tasks: int) -> None:
-        for name in self._hat_row_params:
-            p = self._parameters.get(name)
-            if p is not None:  # [1, ...] -> one copy per task and one for "no task"
-                self._parameters[name] = nn.Parameter(p.detach().expand(num_tasks + 1, *p.shape[1:]).clone(),
-                                                      requires_grad=p.requires_grad)
-        self._hat_init_tracking(num_tasks, next(self.parameters()).device)
+    _hat_base = VisionTransformer
+    pos_embed = property(lambda self: self._hat_param_row("pos_embed"))  # type: ignore[assignment]
+    cls_token = property(lambda self: self._hat_param_row("cls_token"))  # type: ignore[assignment]
+    reg_token = property(lambda self: self._hat_param_row("reg_token"))  # type: ignore[assignment]
 
 
 def _filter(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
@@ -80,12 +59,8 @@ def hat_vit_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> nn.Modu
     # features_only wraps the ViT in a feature getter: the ViT inside gets the per-task tokens
     vit = model if isinstance(model, VisionTransformer) else getattr(model, "model", None)
     model.__dict__["_hat_trace_quiet"] = True  # whole-row protection is expected here (see above)
-    # timm's LayerNorm subclass computes the plain LayerNorm: per task like nn.LayerNorm
-    mapping = {TimmLayerNorm: TaskIndexedLayerNorm} if TimmLayerNorm is not nn.LayerNorm else None
-    finish(model, HATVisionTransformer if model is vit else type(model), hat_config, mapping)
-    if isinstance(vit, VisionTransformer):
-        if vit is not model:
-            vit.hat_config = hat_config
-            vit.__class__ = HATVisionTransformer
-        vit._hat_make_task_tokens(hat_config.num_tasks)
+    finish(model, HATVisionTransformer if model is vit else type(model), hat_config)
+    if isinstance(vit, VisionTransformer) and vit is not model:
+        vit.hat_config = hat_config
+        vit.__class__ = HATVisionTransformer
     return model

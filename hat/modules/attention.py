@@ -1,0 +1,122 @@
+"""HATMultiheadAttention: ``nn.MultiheadAttention`` with per-unit masks on both projections."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hat import _trace, _units
+from hat._errors import HATTypeError
+from hat.modules._masked import MaskedLayer
+from hat.modules.linear import HATLinear
+from hat.payload import HATPayload
+
+__all__ = ["HATMultiheadAttention"]
+
+
+class HATMultiheadAttention(MaskedLayer, nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` whose input projection is masked per unit (its ``3 * embed_dim``
+    query, key and value outputs, task embedding ``[num_tasks, 3 * embed_dim]``) and whose
+    ``out_proj`` is a ``HATLinear``.
+
+    A query or key unit a task does not use adds nothing to that task's attention logits; a value
+    unit it does not use is zero in every head's output, which is what ``out_proj`` reads: its
+    input units are the value units, known without tracing. Heads are not masked as a whole: each
+    unit of each head is. The masks are folded into the projection weights
+    (``F.multi_head_attention_forward`` computes the rest, as torch's own slow path does).
+
+    Converted from an ``nn.MultiheadAttention`` with one packed input projection and no
+    ``add_bias_kv`` (torchvision's ViT, ``nn.TransformerEncoderLayer``); others stay plain.
+    """
+
+    _hat_base = nn.MultiheadAttention
+    _hat_unit_params = ("in_proj_weight", "in_proj_bias")
+    _hat_weight_name = "in_proj_weight"
+    _hat_default_mask_dim = -1
+
+    @classmethod
+    def _hat_unsupported(cls, base: nn.Module) -> str | None:
+        """Why ``base`` cannot convert (None: it can)."""
+        if not base._qkv_same_embed_dim:
+            return "keys or values of another size than the queries (separate q/k/v projections)"
+        if base.bias_k is not None or base.bias_v is not None:
+            return "add_bias_kv=True"
+        return None
+
+    @classmethod
+    def from_base_module(cls, base_module: nn.Module, hat_config: Any = None, **kwargs: Any) -> HATMultiheadAttention:
+        """The HAT attention sharing ``base_module``'s Parameters; its ``out_proj`` a ``HATLinear``."""
+        if isinstance(base_module, nn.MultiheadAttention):
+            reason = cls._hat_unsupported(base_module)
+            if reason is not None:
+                raise HATTypeError(f"{cls.__name__}.from_base_module: an nn.MultiheadAttention with {reason} is not "
+                                   "supported")
+        new = super().from_base_module(base_module, hat_config, **kwargs)
+        e = new.embed_dim
+        out_proj = HATLinear.from_base_module(base_module.out_proj, hat_config=hat_config)
+        # out_proj reads the heads' outputs: the value units, which are this layer's units 2E..3E
+        out_proj._hat_set_link(_units.UnitMap(e, (_units.Part(new, torch.arange(2 * e, 3 * e)),)))
+        new._modules["out_proj"] = out_proj
+        return new
+
+    def _hat_in_units(self) -> int:
+        return self.embed_dim
+
+    def forward(self, query: Any, key: Any, value: Any, key_padding_mask: torch.Tensor | None = None,
+                need_weights: bool = True, attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[Any, torch.Tensor | None]:
+        kwargs = dict(key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
+                      average_attn_weights=average_attn_weights, is_causal=is_causal)
+        if isinstance(query, HATPayload):
+            task, scale = self._hat_begin(query)
+            self._hat_record_link(query)
+            k = key.data if isinstance(key, HATPayload) else key
+            v = value.data if isinstance(value, HATPayload) else value
+            masks = (None, None) if task is None else (_marked(self, task, scale), _marked(self.out_proj, task, scale))
+            out, weights = self._attend(query.data, k, v, *masks, **kwargs)
+            return query._derive(out, mask=None, unit_mask=masks[1], unit_dim=-1, src=self.out_proj), weights
+        rec = _trace.ACTIVE
+        if rec is not None:
+            cross = None if key is query and value is query else "keys and values from another tensor than the queries"
+            got = rec.call(self, query, lambda q: self._hat_forward_tensor(q, key, value, **kwargs), dense_input=cross)
+            rec.put_layer_output(got[0], self.out_proj)
+            return got
+        return self._hat_forward_tensor(query, key, value, **kwargs)
+
+    def _hat_forward_tensor(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        in_mask = self._hat_current_mask(mark=True)
+        out, weights = self._attend(query, key, value, in_mask, self.out_proj._hat_current_mask(mark=True), **kwargs)
+        if in_mask is None and not torch.compiler.is_compiling():  # no task: report the no-task slot
+            out = self.out_proj._hat_mark(self._hat_mark(out, self.num_tasks), self.num_tasks)
+        return out, weights
+
+    def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, in_mask: torch.Tensor | None,
+                out_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """torch's attention with the masks folded into the projections (None: unmasked)."""
+        in_w, in_b = self.in_proj_weight, self.in_proj_bias
+        out_w, out_b = self.out_proj.weight, self.out_proj.bias
+        if in_mask is not None:
+            in_w = in_w * in_mask.view(-1, 1)
+            in_b = None if in_b is None else in_b * in_mask
+        if out_mask is not None:
+            out_w = out_w * out_mask.view(-1, 1)
+            out_b = None if out_b is None else out_b * out_mask
+        batched = query.dim() == 3
+        if self.batch_first and batched:
+            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+        out, weights = F.multi_head_attention_forward(
+            query, key, value, self.embed_dim, self.num_heads, in_w, in_b, self.bias_k, self.bias_v,
+            self.add_zero_attn, self.dropout, out_w, out_b, training=self.training, **kwargs)
+        if self.batch_first and batched:
+            out = out.transpose(0, 1)
+        return out, weights
+
+
+def _marked(layer: Any, task: int, scale: float | None) -> torch.Tensor:
+    """``layer``'s mask of ``task``, reporting the task to its probe when grad is on."""
+    mask, marked = layer._hat_mask_marked(task, scale, True)
+    return mask if marked else layer._hat_mark(mask, task)

@@ -454,16 +454,6 @@ class TaskTracked:
                 "torch.no_grad()"
             )
 
-    def _hat_reinit(self) -> None:
-        """Fresh bookkeeping after ``to_empty`` (conversion builds layers on the meta device)."""
-        with torch.no_grad():
-            self.hat_trained.zero_()
-            self.hat_task.fill_(self.num_tasks)
-            self.hat_scale.zero_()
-        self.__dict__["_hat_state"] = (None, None)
-        if isinstance(self, HATMasked):
-            self.reset_task_embedding()
-
     def _hat_select(self, task: int | None, scale: float | None) -> None:
         """Write a checked selection into the task buffers (in place) and their Python mirror."""
         self.hat_task.fill_(self.num_tasks if task is None else task)

@@ -92,7 +92,7 @@ def _norms(root: nn.Module) -> list[nn.Module]:
 
         norms = [m for m in root.modules() if isinstance(m, _TaskIndexedBatchNorm) and m.track_running_stats]
         root.__dict__["_hat_stat_norms"] = norms
-    return norms
+    return [m for m in norms if m.refresh_at_task_end]
 
 
 def _selected(args: tuple, kwargs: dict, norms: list[nn.Module]) -> int | None:

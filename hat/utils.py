@@ -158,7 +158,9 @@ def convert_to_task_dependent_module(module: nn.Module, **kwargs: Any) -> nn.Mod
 
     def swap(m: nn.Module) -> nn.Module | None:
         target = DEFAULT_MAPPING.get(type(m))
-        return None if target is None else target.from_base_module(m, **kwargs)
+        if target is None or (getattr(target, "_hat_unsupported", None) is not None and target._hat_unsupported(m)):
+            return None
+        return target.from_base_module(m, **kwargs)
 
     return _swapped_copy(module, swap, lambda m: isinstance(m, TaskTracked), "has no task-dependent counterpart")
 

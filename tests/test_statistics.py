@@ -177,11 +177,7 @@ def test_the_kept_inputs_stay_within_their_budget(digit_tasks):
     assert all(b.args[0].untyped_storage().data_ptr() != x.untyped_storage().data_ptr() for b in pending.batches)
 
 
-def test_a_payload_model_follows_the_training_rule(digit_tasks):
-    """Hand-built payload models have no root call to hook: their rows come from the latest
-    near-hard training batch."""
-    cfg = HATConfig(num_tasks=2)
-
+def _payload_net(cfg):
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
@@ -195,8 +191,34 @@ def test_a_payload_model_follows_the_training_rule(digit_tasks):
             p = self.bn(self.conv2(p)).forward_by(nn.ReLU())
             return self.head(p.forward_by(nn.Flatten()))
 
+    return Net()
+
+
+def test_a_payload_model_hooked_by_set_task_gets_the_refresh_too(digit_tasks):
     torch.manual_seed(0)
-    net = Net()
+    net = _payload_net(HATConfig(num_tasks=2))
+    hat.set_task(net, None)  # hooks the model's calls
+    x, y = digit_tasks[0][0][:64], digit_tasks[0][1][:64]
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for scale in (1.0, 100.0, 100.0):
+        loss = F.cross_entropy(net(HATPayload(x, task_id=0, mask_scale=scale)).data, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    trained = net.bn.running_mean.clone()
+    net.eval()
+    with torch.no_grad():
+        net(HATPayload(x[:4], task_id=0))
+    assert "_hat_stats_pending" not in net.__dict__
+    assert not torch.equal(net.bn.running_mean[0], trained[0]) and torch.equal(net.bn.running_mean[1:], trained[1:])
+
+
+def test_a_payload_model_follows_the_training_rule(digit_tasks):
+    """Hand-built payload models have no root call to hook: their rows come from the latest
+    near-hard training batch."""
+    cfg = HATConfig(num_tasks=2)
+    torch.manual_seed(0)
+    net = _payload_net(cfg)
     x, y = digit_tasks[0][0][:32], digit_tasks[0][1][:32]
     optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
     for scale in (400.0, 0.01):

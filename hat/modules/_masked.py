@@ -78,14 +78,6 @@ class MaskedLayer(HATMasked):
         return (out_used.view(-1, 1) & in_w).view(param.shape[0], in_per_group, *trailing)
 
     # -- conversion ---------------------------------------------------------------------------
-    def _hat_base_args(self) -> dict[str, Any]:
-        """The torch layer's constructor arguments (without device and dtype)."""
-        raise NotImplementedError
-
-    @classmethod
-    def _hat_args_of(cls, base: nn.Module) -> dict[str, Any]:
-        raise NotImplementedError
-
     @classmethod
     def from_base_module(cls, base_module: nn.Module, hat_config: Any = None, **kwargs: Any) -> MaskedLayer:
         """The HAT layer for ``base_module``, an instance of ``cls``'s torch layer or of a subclass

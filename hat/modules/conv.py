@@ -35,15 +35,6 @@ class _HATConvNd(MaskedLayer):
     def _hat_in_units(self) -> int:
         return self.in_channels
 
-    def _hat_base_args(self) -> dict[str, Any]:
-        return self._hat_args_of(self)
-
-    @classmethod
-    def _hat_args_of(cls, base: Any) -> dict[str, Any]:
-        return dict(in_channels=base.in_channels, out_channels=base.out_channels, kernel_size=base.kernel_size,
-                    stride=base.stride, padding=base.padding, dilation=base.dilation, groups=base.groups,
-                    bias=base.bias is not None, padding_mode=base.padding_mode)
-
 
 class HATConv1d(_HATConvNd, nn.Conv1d):
     __doc__ = _HATConvNd.__doc__

@@ -44,13 +44,6 @@ class HATLinear(MaskedLayer, nn.Linear):
     def _hat_in_units(self) -> int:
         return self.in_features
 
-    def _hat_base_args(self) -> dict[str, Any]:
-        return dict(in_features=self.in_features, out_features=self.out_features, bias=self.bias is not None)
-
-    @classmethod
-    def _hat_args_of(cls, base: nn.Module) -> dict[str, Any]:
-        return dict(in_features=base.in_features, out_features=base.out_features, bias=base.bias is not None)
-
 
 class TaskIndexedLinear(TaskTracked, nn.Module):
     """One linear head per task, plus a head for "no task": ``y = x W[t]^T + b[t]``.

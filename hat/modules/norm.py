@@ -249,7 +249,10 @@ class _TaskIndexedBatchNorm(_TaskIndexedNorm):
 
     #: how much further from the hard masks than at ``max_trn_mask_scale`` (mean over units) the
     #: soft masks of a training forward may be for its batch to enter the running statistics
+    #: (``float("-inf")``: every batch enters by torch's rule)
     stats_tolerance: float = 0.01
+    #: take a finished task's statistics once more with its final weights (converted models)
+    refresh_at_task_end: bool = True
 
     _expected_dims: tuple[int, ...] = ()
 

@@ -26,7 +26,7 @@ from hat.config import HATConfig
 from hat import _units
 from hat.payload import UNKNOWN, HATPayload
 
-__all__ = ["TaskTracked", "HATMasked", "live_modules", "task_modules"]
+__all__ = ["TaskTracked", "HATMasked", "live_modules", "task_modules", "shallow_clone", "plain_children"]
 
 # Every task-aware module alive in the process; the optimizer hooks look here for the owners
 # of an optimizer's parameters (a hand-built model is never registered anywhere else).
@@ -356,6 +356,23 @@ def _on_probe(ref: weakref.ref, probe: torch.Tensor) -> None:
     probe.grad = None
 
 
+def plain_children(module: nn.Module, task_id: int | None) -> None:
+    """Replace ``module``'s task-aware children by their plain modules for ``task_id`` (a walk that
+    replaced ``module`` does not reach them; under ``hat.unconvert`` they are plain already)."""
+    for name, child in list(module._modules.items()):
+        if isinstance(child, TaskTracked):
+            module._modules[name] = child.to_base_module(task_id=task_id)
+
+
+def shallow_clone(module: nn.Module, cls: type | None = None) -> nn.Module:
+    """A new module object (of class ``cls``, default ``module``'s) sharing ``module``'s Parameters,
+    buffers, children and attributes, with dictionaries and sets of its own: registering on one
+    leaves the other as it is."""
+    new = object.__new__(cls or type(module))
+    new.__dict__ = {k: (v.copy() if isinstance(v, (dict, set)) else v) for k, v in module.__dict__.items()}
+    return new
+
+
 class TaskTracked:
     """Bookkeeping for a module whose parameters belong to tasks.
 
@@ -402,6 +419,20 @@ class TaskTracked:
         if torch.is_grad_enabled():
             return _Probe.apply(x, self._hat_probe, slot)
         return x
+
+    def _hat_plain_copy(self, task_id: int | None) -> nn.Module:
+        """A shallow copy of class ``self._hat_base`` (the class before conversion) without HAT's
+        embedding, buffers and attributes (its parameters are still this module's), and its HAT
+        children made plain for ``task_id``."""
+        plain = shallow_clone(self, self._hat_base)
+        plain_children(plain, task_id)
+        plain._parameters.pop("task_embedding", None)
+        for name in ("hat_trained", "hat_task", "hat_scale"):
+            plain._buffers.pop(name, None)
+            plain._non_persistent_buffers_set.discard(name)
+        for key in [k for k in plain.__dict__ if k.startswith("_hat_") or k in ("hat_config", "num_tasks")]:
+            del plain.__dict__[key]
+        return plain
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

@@ -41,13 +41,9 @@ class TaskParameters(TaskTracked):
     def to_base_module(self, task_id: Any = None, **kwargs: Any) -> nn.Module:
         """This module, of the class it had before conversion, with ``task_id``'s rows (None: the
         no-task row). Its children are kept as they are."""
-        slot = self._hat_slot(check_task_id(task_id, self.num_tasks))
-        plain = object.__new__(self._hat_base)
-        plain.__dict__ = {k: (v.copy() if isinstance(v, (dict, set)) else v) for k, v in self.__dict__.items()
-                          if not k.startswith("_hat_") and k != "num_tasks"}
-        for name in ("hat_trained", "hat_task", "hat_scale"):
-            plain._buffers.pop(name, None)
-            plain._non_persistent_buffers_set.discard(name)
+        task = check_task_id(task_id, self.num_tasks)
+        slot = self._hat_slot(task)
+        plain = self._hat_plain_copy(task)
         for name in self._hat_row_params:
             p = self._parameters.get(name)
             if p is not None:

@@ -14,8 +14,6 @@ from typing import Any
 
 __all__ = ["derive", "derive_params"]
 
-_MADE: dict[tuple[Any, ...], type] = {}
-
 # base classes whose weight is transformed row by row before use (weight standardization): an
 # entry of a row that a task does not read still moves the values that task reads, so the rows
 # of used units are protected whole
@@ -32,21 +30,12 @@ def _unescape(text: str) -> str:
 
 def derive(hat_cls: type, base: type) -> type:
     """The class deriving from ``hat_cls`` and ``base`` (a subclass of ``hat_cls``'s torch layer)."""
-    key = (hat_cls, base)
-    made = _MADE.get(key)
-    if made is None:
-        name = f"{hat_cls.__name__}__{_escape(base.__module__)}__{_escape(base.__qualname__)}"
-        attrs: dict[str, Any] = {
-            "_hat_base": base,
-            "__module__": __name__,
-            "__qualname__": name,
-            "__doc__": f"{hat_cls.__name__} for {base.__module__}.{base.__qualname__}.\n\n{hat_cls.__doc__ or ''}",
-        }
-        if base.__name__ in _ROW_MIXING:
-            attrs["_hat_whole_rows"] = "weight standardization mixes every entry of a row"
-        made = _MADE[key] = type(name, (hat_cls, base), attrs)
-        globals()[name] = made
-    return made
+    attrs: dict[str, Any] = {"__doc__": f"{hat_cls.__name__} for {base.__module__}.{base.__qualname__}.\n\n"
+                                        f"{hat_cls.__doc__ or ''}"}
+    if base.__name__ in _ROW_MIXING:
+        attrs["_hat_whole_rows"] = "weight standardization mixes every entry of a row"
+    return _make(f"{hat_cls.__name__}__{_escape(base.__module__)}__{_escape(base.__qualname__)}", (hat_cls, base),
+                 base, attrs)
 
 
 def derive_params(base: type, names: tuple[str, ...]) -> type:
@@ -54,20 +43,21 @@ def derive_params(base: type, names: tuple[str, ...]) -> type:
     (``hat._task_params``): reading ``module.<name>`` gives the selected task's row."""
     from hat._task_params import TaskParameters
 
-    key = (TaskParameters, base, names)
-    made = _MADE.get(key)
+    attrs: dict[str, Any] = {
+        "_hat_row_params": names,
+        "__doc__": f"{base.__qualname__} with its parameters {', '.join(names)} per task (hat._task_params).",
+    }
+    for n in names:
+        attrs[n] = property(lambda self, n=n: self._hat_param_row(n))
+    name = f"TaskParameters__{_escape(base.__module__)}__{_escape(base.__qualname__)}__{_escape('.'.join(names))}"
+    return _make(name, (TaskParameters, base), base, attrs)
+
+
+def _make(name: str, bases: tuple[type, ...], base: type, attrs: dict[str, Any]) -> type:
+    """The class ``name`` (made once, then kept in this module under that name)."""
+    made = globals().get(name)
     if made is None:
-        name = f"TaskParameters__{_escape(base.__module__)}__{_escape(base.__qualname__)}__{_escape('.'.join(names))}"
-        attrs: dict[str, Any] = {
-            "_hat_base": base,
-            "_hat_row_params": names,
-            "__module__": __name__,
-            "__qualname__": name,
-            "__doc__": f"{base.__qualname__} with its parameters {', '.join(names)} per task (hat._task_params).",
-        }
-        for n in names:
-            attrs[n] = property(lambda self, n=n: self._hat_param_row(n))
-        made = _MADE[key] = type(name, (TaskParameters, base), attrs)
+        made = type(name, bases, {"_hat_base": base, "__module__": __name__, "__qualname__": name, **attrs})
         globals()[name] = made
     return made
 

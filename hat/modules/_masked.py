@@ -9,7 +9,7 @@ from torch import nn
 
 from hat import _trace
 from hat._checks import check_task_id
-from hat._core import HATMasked, _check_config
+from hat._core import HATMasked, _check_config, shallow_clone
 from hat._errors import HATTypeError, HATValueError
 from hat.payload import HATPayload, _along
 
@@ -97,8 +97,7 @@ class MaskedLayer(HATMasked):
         if odd:
             raise HATTypeError(f"{cls.__name__}.from_base_module: {type(base_module).__name__} has parameter(s) "
                                f"{', '.join(odd)} that do not hold one entry per output unit; hat cannot protect them")
-        new = _shallow_clone(base_module)
-        new.__class__ = hat_class(cls, type(base_module))
+        new = shallow_clone(base_module, hat_class(cls, type(base_module)))
         if extras:  # a per-unit gain (ScaledStdConv2d): protected with its unit, like the bias
             new.__dict__["_hat_unit_params"] = (*cls._hat_unit_params, *extras)
         new._hat_init_mask(hat_config, weight.shape[0], weight.device, weight.dtype)
@@ -116,15 +115,7 @@ class MaskedLayer(HATMasked):
                 raise HATValueError(f"to_base_module: the mask of {type(self).__name__} is over dimension {self.mask_dim}, "
                                     "which cannot be folded into its weight")
             mask = (self.task_embedding.detach()[task] > 0).to(getattr(self, self._hat_weight_name).dtype)
-        plain = _shallow_clone(self)
-        plain.__class__ = self._hat_base
-        for name in ("task_embedding",):
-            plain._parameters.pop(name, None)
-        for name in ("hat_trained", "hat_task", "hat_scale"):
-            plain._buffers.pop(name, None)
-            plain._non_persistent_buffers_set.discard(name)
-        for key in [k for k in plain.__dict__ if k.startswith("_hat_") or k in ("hat_config", "num_tasks")]:
-            del plain.__dict__[key]
+        plain = self._hat_plain_copy(task)
         for name in self._hat_unit_params:
             p = self._parameters.get(name)
             if p is None:
@@ -135,14 +126,6 @@ class MaskedLayer(HATMasked):
             plain._parameters[name] = nn.Parameter(value, requires_grad=p.requires_grad)
         plain.train(self.training)
         return plain
-
-
-def _shallow_clone(module: nn.Module) -> nn.Module:
-    """A new module object of the same class sharing ``module``'s Parameters, buffers, children and
-    attributes, with dictionaries (and sets) of its own: registering on one leaves the other as is."""
-    new = object.__new__(type(module))
-    new.__dict__ = {k: (v.copy() if isinstance(v, (dict, set)) else v) for k, v in module.__dict__.items()}
-    return new
 
 
 def hat_class(hat_cls: type, base: type) -> type:

@@ -24,7 +24,7 @@ from torch import nn
 
 from hat import _trace
 from hat._checks import check_task_id
-from hat._core import HATMasked, TaskTracked, _row, forward_deviation, rows
+from hat._core import HATMasked, TaskTracked, _row, forward_deviation, plain_children, rows, shallow_clone
 from hat._errors import HATTypeError, HATValueError
 from hat.config import HATConfig
 from hat.payload import HATPayload, _along
@@ -103,6 +103,39 @@ class _TaskIndexedNorm(TaskTracked, nn.Module):
             y = y * _along(mask, self._hat_unit_dim(y.dim()), y.dim())
         return y
 
+    # -- forward (LayerNorm, GroupNorm: masked before by the layers feeding them, and after) ------
+    def forward(self, input: Any) -> Any:
+        """Statistics over several units (LayerNorm, GroupNorm): the input arrives with the units a
+        task does not use at exact 0, so later tasks cannot move its statistics, and the mask is
+        applied again after the norm. BatchNorm overrides this."""
+        if isinstance(input, HATPayload):
+            task, _ = self._hat_begin(input)
+            slot = self._hat_slot(task)
+            x = input.data  # masked before the norm
+            dim = self._hat_unit_dim(x.dim())
+            mask = input._unit_mask if task is not None and dim is not None and input._unit_dim % x.dim() == dim else None
+            y = self._hat_post_forward(self._normalize(x, slot, mask), mask)  # reports the slot to the probe
+            return input._derive(y, mask=None, unit_mask=mask, unit_dim=-1 if dim is None else dim, src=input._src,
+                                 repeat=input._repeat)
+        if _trace.ACTIVE is not None:
+            return _trace.ACTIVE.call(self, input, self._hat_forward_tensor)
+        return self._hat_forward_tensor(input)
+
+    def _hat_forward_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        # the input arrives masked by the layers that feed it; the union of their masks is
+        # applied again after the norm
+        if torch.compiler.is_compiling():
+            slot: Any = self.hat_task
+            mask = self._hat_map_mask()
+        else:
+            task, _ = self._hat_state
+            slot = self._hat_slot(task)
+            mask = None if task is None else self._hat_map_mask()
+        return self._hat_post_forward(self._normalize(x, slot, mask), mask)
+
+    def _normalize(self, x: torch.Tensor, slot: Any, mask: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
     # -- conversion --------------------------------------------------------------------------
     @classmethod
     def from_base_module(cls, base_module: nn.Module, hat_config: Any = None, num_tasks: Any = None,
@@ -139,8 +172,7 @@ class _TaskIndexedNorm(TaskTracked, nn.Module):
             new.__dict__["_hat_post_keeps_zero"] = _keeps_zero([base_module._modules[c] for c in children],
                                                                new.num_units)
         # the module it replaced, without its tensors: to_base_module rebuilds one of its class
-        template = copy.copy(base_module)
-        template.__dict__ = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base_module.__dict__.items()}
+        template = shallow_clone(base_module)
         template._parameters = dict.fromkeys(base_module._parameters)
         template._buffers = dict.fromkeys(base_module._buffers)
         new.__dict__["_hat_template"] = template
@@ -161,6 +193,7 @@ class _TaskIndexedNorm(TaskTracked, nn.Module):
             for name in _POST:
                 if name in self._modules:
                     plain._modules[name] = copy.deepcopy(self._modules[name])
+            plain_children(plain, task)  # a per-task PReLU act
         else:
             plain = self._hat_default_base()
         ref = next(iter(self.buffers()), None) if self.weight is None else self.weight
@@ -347,7 +380,9 @@ class _TaskIndexedBatchNorm(_TaskIndexedNorm):
             return None
         if scale is None:
             return 0.0  # hard masks: the network evaluation runs
-        cfg = getattr(source, "hat_config", None) or self.__dict__.get("_hat_mask_config")
+        cfg = getattr(source, "hat_config", None)  # not ``or``: a HATConfig's truth value is its length
+        if cfg is None:
+            cfg = self.__dict__.get("_hat_mask_config")
         return None if cfg is None else forward_deviation(cfg, task, scale)
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
@@ -566,32 +601,6 @@ class TaskIndexedLayerNorm(_TaskIndexedNorm):
                             bias=self.bias is not None, device=None if ref is None else ref.device,
                             dtype=None if ref is None else ref.dtype)
 
-    def forward(self, input: Any) -> Any:
-        if isinstance(input, HATPayload):
-            task, _ = self._hat_begin(input)
-            slot = self._hat_slot(task)
-            x = input.data  # masked before the norm
-            dim = self._hat_unit_dim(x.dim())
-            mask = input._unit_mask if task is not None and dim is not None and input._unit_dim % x.dim() == dim else None
-            y = self._hat_post_forward(self._normalize(x, slot, mask), mask)  # reports the slot to the probe
-            return input._derive(y, mask=None, unit_mask=mask, unit_dim=-1 if dim is None else dim, src=input._src,
-                                 repeat=input._repeat)
-        if _trace.ACTIVE is not None:
-            return _trace.ACTIVE.call(self, input, self._hat_forward_tensor)
-        return self._hat_forward_tensor(input)
-
-    def _hat_forward_tensor(self, x: torch.Tensor) -> torch.Tensor:
-        # the input arrives masked by the layers that feed it; the union of their masks is
-        # applied again after the norm
-        if torch.compiler.is_compiling():
-            slot: Any = self.hat_task
-            mask = self._hat_map_mask()
-        else:
-            task, _ = self._hat_state
-            slot = self._hat_slot(task)
-            mask = None if task is None else self._hat_map_mask()
-        return self._hat_post_forward(self._normalize(x, slot, mask), mask)
-
     def _normalize(self, x: torch.Tensor, slot: Any, mask: torch.Tensor | None) -> torch.Tensor:
         weight, bias = rows(self, slot, self.weight, self.bias)
         if mask is not None and weight is not None and len(self.normalized_shape) == 1:
@@ -677,27 +686,6 @@ class TaskIndexedGroupNorm(_TaskIndexedNorm):
         ref = self.weight
         return nn.GroupNorm(self.num_groups, self.num_channels, eps=self.eps, affine=self.affine,
                             device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype)
-
-    def forward(self, input: Any) -> Any:
-        if isinstance(input, HATPayload):
-            task, _ = self._hat_begin(input)
-            x = input.data  # masked before the norm
-            mask = input._unit_mask if task is not None and input._unit_dim % x.dim() == 1 else None
-            y = self._hat_post_forward(self._normalize(x, self._hat_slot(task), mask), mask)
-            return input._derive(y, mask=None, unit_mask=mask, unit_dim=1, src=input._src, repeat=input._repeat)
-        if _trace.ACTIVE is not None:
-            return _trace.ACTIVE.call(self, input, self._hat_forward_tensor)
-        return self._hat_forward_tensor(input)
-
-    def _hat_forward_tensor(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            slot: Any = self.hat_task
-            mask = self._hat_map_mask()
-        else:
-            task, _ = self._hat_state
-            slot = self._hat_slot(task)
-            mask = None if task is None else self._hat_map_mask()
-        return self._hat_post_forward(self._normalize(x, slot, mask), mask)
 
     def _normalize(self, x: torch.Tensor, slot: Any, mask: torch.Tensor | None) -> torch.Tensor:
         weight, bias = rows(self, slot, self.weight, self.bias)

@@ -34,7 +34,7 @@ MODELS = {
 }
 
 
-def train_task(model, optimizer, x, y, t, forward, *, epochs=4, batch_size=32, s_max=100.0, reg=0.75):
+def train_task(model, optimizer, x, y, t, forward, *, epochs=4, batch_size=32, s_max=100.0, reg=0.75, set_to_none=True):
     model.train()
     n_batches = (len(x) + batch_size - 1) // batch_size
     g = torch.Generator().manual_seed(t)
@@ -46,7 +46,7 @@ def train_task(model, optimizer, x, y, t, forward, *, epochs=4, batch_size=32, s
             hat.set_task(model, t, mask_scale=scale)
             loss = F.cross_entropy(forward(model, x[idx], t), y[idx])
             loss = loss + reg * get_hat_reg_term(model, task_id=t, mask_scale=scale)
-            optimizer.zero_grad()
+            optimizer.zero_grad(set_to_none=set_to_none)
             loss.backward()
             optimizer.step()
 
@@ -89,8 +89,17 @@ def test_plain_per_task_heads_train_without_warnings(digit_tasks):
     optimizer = OPTIMIZERS["adamw-wd"](model.parameters())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for t in range(2):
-            train_task(model, optimizer, digit_tasks[t][0][:64], digit_tasks[t][1][:64], t, forward, epochs=1)
+        # zeroed gradients, not None: AdamW then decays and moves every head, task 0's too, unless protected
+        train_task(model, optimizer, digit_tasks[0][0][:64], digit_tasks[0][1][:64], 0, forward, epochs=1,
+                   set_to_none=False)
+        heads = {name: p.detach().clone() for name, p in model.heads.named_parameters()}
+        train_task(model, optimizer, digit_tasks[1][0][:64], digit_tasks[1][1][:64], 1, forward, epochs=1,
+                   set_to_none=False)
+    for name, p in model.heads.named_parameters():
+        if name.startswith("0."):  # task 0's head: AdamW's weight decay and moments must not move it
+            assert torch.equal(p, heads[name]), name
+        elif name.startswith("1."):  # task 1's head trained
+            assert not torch.equal(p, heads[name]), name
 
 
 def test_a_shared_plain_layer_trained_again_warns_once(digit_tasks):

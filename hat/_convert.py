@@ -20,13 +20,14 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from hat import _statistics, _trace
+from hat import _coverage, _statistics, _trace
 from hat._checks import check_mask_scale, check_task_id
 from hat._core import TaskTracked, _check_config, task_modules
 from hat._errors import HATTypeError, HATValueError
 from hat.config import HATConfig
 from hat._mapping import DEFAULT_MAPPING, default_mapping
-from hat._task_params import candidates, make_task_parameters
+from hat._task_params import candidates
+from hat.modules._generated import make_task_parameters
 from hat.modules import TaskIndexedLinear
 
 __all__ = ["convert", "unconvert", "set_task", "task", "DEFAULT_MAPPING"]
@@ -104,7 +105,8 @@ def _before_call(root: nn.Module, args: tuple, kwargs: dict) -> None:
                 "them for every earlier task. Convert them: hat.convert(..., mapping={TheirType: "
                 "hat.modules.TaskIndexedBatchNorm2d}) (their weights and statistics are kept)"
             )
-    _trace.maybe_trace(root, args, kwargs)
+    if _trace.maybe_trace(root, args, kwargs):
+        _coverage.warn(root)
     _statistics.before_call(root, args, kwargs)
 
 

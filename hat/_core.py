@@ -399,6 +399,26 @@ class TaskTracked:
         _LIVE.add(self)
         self._hat_ensure_hooks()
 
+    # -- the first-call trace (hat._trace asks; each class holds the rules about itself) ---------
+    # may leave its output mask to the task-indexed BatchNorm that alone reads its output
+    _hat_can_defer: ClassVar[bool] = False
+
+    def _hat_output_units(self, rec: Any, carried: Any, x: Any, y: torch.Tensor) -> Any:
+        """What this module's output carries, recorded by the trace ``rec`` (default: dense)."""
+        return rec.dense(f"the outputs of {type(self).__name__}")
+
+    def _hat_apply_trace(self, rec: Any, seen: list[tuple[Any, int]]) -> None:
+        """Learn from the units each call's input carried (``seen``: (units, ndim) per call)."""
+
+    def _hat_trace_unmasked(self, rec: Any, seen: list[tuple[Any, int]]) -> bool:
+        """Whether the trace gave this module's output its input's units though it will not mask
+        with them (the trace then records again with its output dense)."""
+        return False
+
+    def _hat_applies_mask_of(self, layer: Any) -> bool:
+        """Whether this module applies ``layer``'s mask (so that ``layer`` may leave it to it)."""
+        return False
+
     # -- the probe: one leaf tensor per module, its hook registered once ---------------------
     def _hat_ensure_hooks(self) -> None:
         probe = self.__dict__.get("_hat_probe")
@@ -696,6 +716,16 @@ class HATMasked(TaskTracked):
         """Units whose hard mask is on for any of ``tasks`` (bool ``[num_tasks]``): the binary
         cumulative mask."""
         return ((self.task_embedding.detach() > 0) & tasks.view(-1, 1)).any(0)
+
+    # -- the first-call trace ----------------------------------------------------------------
+    def _hat_output_units(self, rec: Any, carried: Any, x: Any, y: torch.Tensor) -> Any:
+        return rec.layer_units(self, y.dim())  # its own units, along its mask dimension
+
+    def _hat_apply_trace(self, rec: Any, seen: list[tuple[Any, int]]) -> None:
+        size = self._hat_in_units()
+        for units, ndim in seen:  # its input units run along the features (linear) or channels (conv)
+            dim = (ndim - 1 if self._hat_default_mask_dim == -1 else 1) if ndim > 0 else None
+            self._hat_set_link(rec.input_map(units, ndim, dim, size, self.num_tasks))
 
     # -- payload path --------------------------------------------------------------------
     def _hat_record_link(self, payload: HATPayload) -> None:

@@ -9,6 +9,7 @@ the rows of used units are protected whole there (exact, but later tasks can cha
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal, NamedTuple
 
 from torch import nn
@@ -16,7 +17,7 @@ from torch import nn
 from hat._core import HATMasked, TaskTracked
 from hat._units import MODEL_INPUT
 
-__all__ = ["LayerCoverage", "coverage"]
+__all__ = ["LayerCoverage", "coverage", "warn"]
 
 Protection = Literal["unit", "mixed", "rows", "plain"]
 
@@ -45,16 +46,14 @@ def coverage(model: nn.Module) -> list[LayerCoverage]:
     A converted model learns where its masks reach at its first call: before it, every layer
     reads "not traced yet".
     """
-    from hat.modules.masker import HATMasker
-
     out: list[LayerCoverage] = []
     heads = set(model.__dict__.get("_hat_plain_heads", ()))  # per-task heads left plain on purpose
     for name, m in model.named_modules():
         kind = type(m).__name__
         if name in heads or type(m).__name__ == "NonDynamicallyQuantizableLinear":
             continue  # per-task heads left plain on purpose; a plain attention's out_proj: its attention says
-        if isinstance(m, HATMasker):
-            continue  # masks its input: no weights to protect
+        if not getattr(m, "_hat_has_weights", True):
+            continue  # a HATMasker masks its input: no weights to protect
         if isinstance(m, HATMasked):
             out.append(_layer(name or kind, kind, m))
         elif isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)) and not isinstance(
@@ -83,3 +82,27 @@ def _layer(name: str, kind: str, m: HATMasked) -> LayerCoverage:
     traced = 1.0 - float(covered.float().mean())
     reason = dense[0].reason or "dense"
     return LayerCoverage(name, kind, "rows" if traced == 0.0 else "mixed", traced, reason)
+
+
+def warn(model: nn.Module) -> None:
+    """One warning with the count of layers not protected per unit (after the first-call trace)."""
+    if model.__dict__.get("_hat_trace_quiet"):
+        return
+    report = coverage(model)
+    rows = [r.name for r in report if r.protection in ("rows", "mixed")]
+    plain = [r.name for r in report if r.protection == "plain"]
+    if not rows and not plain:
+        return
+
+    def names(found: list[str]) -> str:
+        return ", ".join(found[:6]) + (" ..." if len(found) > 6 else "")
+
+    said = []
+    if rows:
+        said.append(f"{len(rows)} protect whole rows of the units earlier tasks use, on some or all of their inputs "
+                    f"({names(rows)}): exact, but later tasks can change less")
+    if plain:
+        said.append(f"{len(plain)} are left plain, shared by every task and frozen once one trained them "
+                    f"({names(plain)})")
+    warnings.warn(f"hat: of {len(report)} layers, {len(report) - len(rows) - len(plain)} are protected per unit; "
+                  + "; ".join(said) + ". hat.coverage(model) says why for each", stacklevel=2)

@@ -7,7 +7,8 @@ each one rows ``[num_tasks + 1, *shape]`` instead (the last row serves ``task_id
 starting from the original value, and swaps the module's class for one deriving from it whose
 attribute of that name reads the selected task's row: the module's own forward runs unchanged.
 Only the rows of the tasks being trained change. Parameters larger than ``MAX_ENTRIES`` stay
-shared (frozen whole once a task trained them).
+shared (frozen whole once a task trained them). The derived classes are made by
+``hat.modules._generated.derive_params``; ``make_task_parameters`` there applies them.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import nn
 from hat._checks import check_task_id
 from hat._core import TaskTracked, rows
 
-__all__ = ["TaskParameters", "MAX_ENTRIES", "make_task_parameters", "candidates"]
+__all__ = ["TaskParameters", "MAX_ENTRIES", "candidates"]
 
 # a parameter with more entries than this stays shared: num_tasks + 1 copies would cost too much
 MAX_ENTRIES = 2**20
@@ -64,18 +65,3 @@ def candidates(module: nn.Module) -> list[str]:
     """The parameters of ``module`` itself that would become per task."""
     return [name for name, p in module._parameters.items()
             if p is not None and p.requires_grad and 0 < p.numel() <= MAX_ENTRIES]
-
-
-def make_task_parameters(module: nn.Module, names: list[str], num_tasks: int) -> None:
-    """Give ``module``'s parameters ``names`` one row per task (in place, keeping their names)."""
-    from hat.modules._generated import derive_params
-
-    device = None
-    for name in names:
-        p = module._parameters[name]
-        device = p.device
-        module._parameters[name] = nn.Parameter(p.detach().unsqueeze(0).expand(num_tasks + 1, *p.shape).clone(),
-                                                requires_grad=p.requires_grad)
-    module.__class__ = derive_params(type(module), tuple(names))
-    module.__dict__["_hat_row_params"] = tuple(names)
-    module._hat_init_tracking(num_tasks, device)

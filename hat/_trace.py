@@ -34,7 +34,7 @@ part of what earlier tasks computed, and stays.
 
 from __future__ import annotations
 
-import warnings
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -45,7 +45,13 @@ from torch.utils._pytree import tree_flatten
 
 from hat import _units
 
-ACTIVE: _Recorder | None = None
+_ACTIVE: ContextVar[_Recorder | None] = ContextVar("hat_trace", default=None)
+
+
+def active() -> _Recorder | None:
+    """The recording under way, if any (a compiled forward never records: the trace runs eagerly
+    before it, so compiled code does not read the variable)."""
+    return None if torch.compiler.is_compiling() else _ACTIVE.get()
 
 
 @dataclass(frozen=True, eq=False)
@@ -98,11 +104,9 @@ class _Recorder(TorchFunctionMode):
         self.units[id(t)] = (t, units)
 
     def call(self, module: nn.Module, x: Any, forward: Callable[[Any], Any], dense_input: str | None = None) -> Any:
-        """Run a HAT module's tensor forward, noting what its input carried and what it gives
-        (``dense_input``: why its input counts as dense whatever ``x`` carries)."""
-        from hat._core import HATMasked
-        from hat.modules.linear import TaskIndexedLinear
-
+        """Run a task-aware module's tensor forward, noting what its input carried and what its
+        output carries (``module._hat_output_units``; ``dense_input``: why its input counts as
+        dense whatever ``x`` carries)."""
         carried = self.get(x) if isinstance(x, torch.Tensor) else None
         if dense_input is not None:
             carried = _dense(dense_input)
@@ -115,18 +119,31 @@ class _Recorder(TorchFunctionMode):
             y = forward(x)
         finally:
             self.depth -= 1
-        if not isinstance(y, torch.Tensor):
-            return y
-        if isinstance(module, HATMasked):
-            self.put(y, _layer_units(module, y.dim()))
+        if isinstance(y, torch.Tensor):
+            self.put(y, module._hat_output_units(self, carried, x, y))
             self.outputs.setdefault(module, []).append(y)
-        elif isinstance(module, TaskIndexedLinear):
-            self.put(y, _dense("the outputs of a task-indexed head"))
-        else:  # a norm masks again with what it was fed, where it can (see _masks_again)
-            self.put(y, carried if _masks_again(module, carried, x, y, self.dense_norms) else _dense(
-                "a norm that cannot mask its output again (fed units along another dimension, or different units "
-                "in different calls)"))
         return y
+
+    # -- what task-aware modules ask of the recording (they hold the rules about themselves) ------
+    def dense(self, reason: str) -> _Units:
+        return _dense(reason)
+
+    def layer_units(self, layer: nn.Module, ndim: int) -> _Units:
+        """The units of a masked layer's output of ``ndim`` dimensions."""
+        return _layer_units(layer, ndim)
+
+    def norm_output(self, norm: nn.Module, carried: _Units | None, x: Any, y: torch.Tensor) -> _Units:
+        """A norm's output carries its input's units where it masks it again with them."""
+        if _masks_again(norm, carried, x, y, self.dense_norms):
+            return carried
+        return _dense("a norm that cannot mask its output again (fed units along another dimension, or different "
+                      "units in different calls)")
+
+    def input_map(self, units: _Units, ndim: int, dim: int | None, size: int, num_tasks: int) -> _units.UnitMap:
+        return _unit_map(units, ndim, dim, size, num_tasks)
+
+    def norm_map(self, norm: nn.Module, seen: list[tuple[_Units, int]]) -> _units.UnitMap | None:
+        return None if norm in self.dense_norms else _norm_map(norm, seen)
 
     def put_layer_output(self, y: torch.Tensor, layer: nn.Module) -> None:
         """``y`` carries ``layer``'s units (a layer computed inside another one's forward)."""
@@ -630,36 +647,36 @@ _RULES = _rule_table()
 
 
 # -- running the record ------------------------------------------------------------------------
-def maybe_trace(root: nn.Module, args: tuple, kwargs: dict) -> None:
+def maybe_trace(root: nn.Module, args: tuple, kwargs: dict) -> bool:
     """Trace ``root`` once, at its first call (a forward pre-hook installed by hat.convert and
-    hat.set_task). Under torch.compile this runs eagerly: a graph break at the very start."""
-    if root.__dict__.get("_hat_traced") or ACTIVE is not None:
-        return
+    hat.set_task). Under torch.compile this runs eagerly: a graph break at the very start.
+    Returns whether it traced now."""
+    if root.__dict__.get("_hat_traced") or _ACTIVE.get() is not None:
+        return False
     root.__dict__["_hat_traced"] = True
-    _trace(root, args, kwargs)
+    return _trace(root, args, kwargs)
 
 
-def _trace(root: nn.Module, args: tuple, kwargs: dict) -> None:
+def _trace(root: nn.Module, args: tuple, kwargs: dict) -> bool:
     from hat._core import task_modules
-    from hat.modules.norm import _TaskIndexedNorm
 
     modules = task_modules(root)
     if not modules or any("_hat_link_key" in m.__dict__ for m in modules):
-        return  # payload models record their links themselves
+        return False  # payload models record their links themselves
     if any(bool(m.hat_trained.any()) for m in modules):
-        return  # placement is part of what trained tasks computed: keep it
+        return False  # placement is part of what trained tasks computed: keep it
     dense_norms: set[nn.Module] = set()
     while True:  # a norm fed different units in different calls does not mask again: record once more
         rec = _record(root, args, kwargs, modules, dense_norms)
         if any("_hat_link_key" in m.__dict__ for m in modules):
-            return  # the layers took payloads and recorded their links themselves: a payload model
+            return False  # the layers took payloads and recorded their links themselves: a payload model
         # norms whose outputs were given their input's units but that will not mask with them
-        unmasked = {m for m, seen in rec.inputs.items() if isinstance(m, _TaskIndexedNorm) and m not in dense_norms
-                    and any(not u.dense for u, _ in seen) and _norm_map(m, seen) is None}
+        unmasked = {m for m, seen in rec.inputs.items() if m._hat_trace_unmasked(rec, seen)}
         if not unmasked:
             break
         dense_norms |= unmasked
     _apply_record(rec, root)
+    return True
 
 
 def _norm_map(m: Any, seen: list[tuple[_Units, int]]) -> _units.UnitMap | None:
@@ -675,7 +692,6 @@ def _norm_map(m: Any, seen: list[tuple[_Units, int]]) -> _units.UnitMap | None:
 
 def _record(root: nn.Module, args: tuple, kwargs: dict, modules: list, dense_norms: set) -> _Recorder:
     """One recording forward (evaluation mode, no grad)."""
-    global ACTIVE
     from hat._core import HATMasked
     from hat.payload import HATPayload
 
@@ -685,9 +701,9 @@ def _record(root: nn.Module, args: tuple, kwargs: dict, modules: list, dense_nor
         getattr(m, "weight", None), torch.Tensor)}
     flags = [(m, m.training) for m in root.modules()]
     root.eval()
+    token = _ACTIVE.set(rec)
     try:
         with torch.no_grad(), rec:
-            ACTIVE = rec
             for a in tree_flatten((args, kwargs))[0]:
                 if isinstance(a, HATPayload):  # a model taking payloads at its root (hat.timm_models)
                     a = a._raw
@@ -695,7 +711,7 @@ def _record(root: nn.Module, args: tuple, kwargs: dict, modules: list, dense_nor
                     rec.put(a, INPUT)
             root(*args, **kwargs)
     finally:
-        ACTIVE = None
+        _ACTIVE.reset(token)
         for m, flag in flags:
             m.training = flag
     return rec
@@ -721,60 +737,18 @@ def _unit_map(u: _Units, ndim: int, dim: int | None, size: int, num_tasks: int) 
 
 
 def _apply_record(rec: _Recorder, root: nn.Module) -> None:
-    from hat._core import HATMasked, TaskTracked
-    from hat.modules.masker import HATMasker
-    from hat.modules.norm import _TaskIndexedBatchNorm, _TaskIndexedNorm
+    from hat._core import TaskTracked
 
     for m, op in rec.read_directly.items():
         m.__dict__["_hat_read_directly"] = op
-    for name, m in root.named_modules():
-        if not isinstance(m, TaskTracked):
-            continue
+    for m in root.modules():
         seen = rec.inputs.get(m)
-        if not seen:
-            continue
-        if isinstance(m, HATMasked) and not isinstance(m, HATMasker):
-            size = m._hat_in_units()
-            for units, ndim in seen:
-                dim = (ndim - 1 if m._hat_default_mask_dim == -1 else 1) if ndim > 0 else None
-                m._hat_set_link(_unit_map(units, ndim, dim, size, m.num_tasks))
-        elif isinstance(m, _TaskIndexedNorm) and m not in rec.dense_norms:
-            unit_map = _norm_map(m, seen)
-            if unit_map is not None:
-                m._hat_set_unit_map(unit_map)
+        if seen and isinstance(m, TaskTracked):
+            m._hat_apply_trace(rec, seen)  # a layer learns its input units, a norm the mask it applies again
     # a layer read by nothing but one task-indexed BatchNorm leaves its mask to that norm
     for m, outs in rec.outputs.items():
-        if isinstance(m, HATMasker) or len(outs) != 1:
+        if not m._hat_can_defer or len(outs) != 1:
             continue
-        y = outs[0]
-        readers = rec.readers.get(id(y), [])
-        if rec.uses.get(id(y), 0) == 0 and len(readers) == 1 and isinstance(readers[0], _TaskIndexedBatchNorm) \
-                and readers[0]._hat_unit_map is not None and readers[0]._hat_unit_map.identity_of() is m:
+        readers = rec.readers.get(id(outs[0]), [])
+        if rec.uses.get(id(outs[0]), 0) == 0 and len(readers) == 1 and readers[0]._hat_applies_mask_of(m):
             m._hat_defer = True
-    _warn_rows(root)
-
-
-def _warn_rows(root: nn.Module) -> None:
-    """One warning with the count of layers not protected per unit (see ``hat.coverage``)."""
-    if root.__dict__.get("_hat_trace_quiet"):
-        return
-    from hat._coverage import coverage
-
-    report = coverage(root)
-    rows = [r.name for r in report if r.protection in ("rows", "mixed")]
-    plain = [r.name for r in report if r.protection == "plain"]
-    if not rows and not plain:
-        return
-
-    def names(found: list[str]) -> str:
-        return ", ".join(found[:6]) + (" ..." if len(found) > 6 else "")
-
-    said = []
-    if rows:
-        said.append(f"{len(rows)} protect whole rows of the units earlier tasks use, on some or all of their inputs "
-                    f"({names(rows)}): exact, but later tasks can change less")
-    if plain:
-        said.append(f"{len(plain)} are left plain, shared by every task and frozen once one trained them "
-                    f"({names(plain)})")
-    warnings.warn(f"hat: of {len(report)} layers, {len(report) - len(rows) - len(plain)} are protected per unit; "
-                  + "; ".join(said) + ". hat.coverage(model) says why for each", stacklevel=5)

@@ -12,7 +12,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["derive", "derive_params"]
+from torch import nn
+
+from hat._task_params import TaskParameters
+
+__all__ = ["derive", "derive_params", "make_task_parameters"]
 
 # base classes whose weight is transformed row by row before use (weight standardization): an
 # entry of a row that a task does not read still moves the values that task reads, so the rows
@@ -41,8 +45,6 @@ def derive(hat_cls: type, base: type) -> type:
 def derive_params(base: type, names: tuple[str, ...]) -> type:
     """The class of a module of class ``base`` whose own parameters ``names`` are per task
     (``hat._task_params``): reading ``module.<name>`` gives the selected task's row."""
-    from hat._task_params import TaskParameters
-
     attrs: dict[str, Any] = {
         "_hat_row_params": names,
         "__doc__": f"{base.__qualname__} with its parameters {', '.join(names)} per task (hat._task_params).",
@@ -51,6 +53,19 @@ def derive_params(base: type, names: tuple[str, ...]) -> type:
         attrs[n] = property(lambda self, n=n: self._hat_param_row(n))
     name = f"TaskParameters__{_escape(base.__module__)}__{_escape(base.__qualname__)}__{_escape('.'.join(names))}"
     return _make(name, (TaskParameters, base), base, attrs)
+
+
+def make_task_parameters(module: nn.Module, names: list[str], num_tasks: int) -> None:
+    """Give ``module``'s parameters ``names`` one row per task (in place, keeping their names)."""
+    device = None
+    for name in names:
+        p = module._parameters[name]
+        device = p.device
+        module._parameters[name] = nn.Parameter(p.detach().unsqueeze(0).expand(num_tasks + 1, *p.shape).clone(),
+                                                requires_grad=p.requires_grad)
+    module.__class__ = derive_params(type(module), tuple(names))
+    module.__dict__["_hat_row_params"] = tuple(names)
+    module._hat_init_tracking(num_tasks, device)
 
 
 def _make(name: str, bases: tuple[type, ...], base: type, attrs: dict[str, Any]) -> type:

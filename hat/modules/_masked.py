@@ -30,6 +30,7 @@ class MaskedLayer(HATMasked):
     _hat_defer = False
     # why this layer protects whole rows of used units whatever its input (None: per unit)
     _hat_whole_rows: ClassVar[str | None] = None
+    _hat_can_defer = True
 
     def forward(self, input: Any) -> Any:
         if isinstance(input, HATPayload):
@@ -37,8 +38,9 @@ class MaskedLayer(HATMasked):
             self._hat_record_link(input)
             y = self._hat_base.forward(self, input.data)
             return self._hat_masked_payload(input, y, task, scale)  # marks the probe
-        if _trace.ACTIVE is not None:
-            return _trace.ACTIVE.call(self, input, self._hat_forward_tensor)
+        rec = _trace.active()
+        if rec is not None:
+            return rec.call(self, input, self._hat_forward_tensor)
         return self._hat_forward_tensor(input)
 
     def _hat_forward_tensor(self, x: torch.Tensor) -> torch.Tensor:

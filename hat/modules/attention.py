@@ -36,6 +36,7 @@ class HATMultiheadAttention(MaskedLayer, nn.MultiheadAttention):
     _hat_unit_params = ("in_proj_weight", "in_proj_bias")
     _hat_weight_name = "in_proj_weight"
     _hat_default_mask_dim = -1
+    _hat_can_defer = False  # its output is out_proj's, masked inside its forward
 
     @classmethod
     def _hat_unsupported(cls, base: nn.Module) -> str | None:
@@ -78,7 +79,7 @@ class HATMultiheadAttention(MaskedLayer, nn.MultiheadAttention):
             masks = (None, None) if task is None else (_marked(self, task, scale), _marked(self.out_proj, task, scale))
             out, weights = self._attend(query.data, k, v, *masks, **kwargs)
             return query._derive(out, mask=None, unit_mask=masks[1], unit_dim=-1, src=self.out_proj), weights
-        rec = _trace.ACTIVE
+        rec = _trace.active()
         if rec is not None:
             cross = None if key is query and value is query else "keys and values from another tensor than the queries"
             got = rec.call(self, query, lambda q: self._hat_forward_tensor(q, key, value, **kwargs), dense_input=cross)

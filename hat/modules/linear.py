@@ -80,8 +80,9 @@ class TaskIndexedLinear(TaskTracked, nn.Module):
             slot = self._hat_slot(task)
             y = self._head(input.data, slot)  # reports the slot to the probe
             return input._derive(y, mask=None, unit_mask=None, unit_dim=-1, src=None)
-        if _trace.ACTIVE is not None:
-            return _trace.ACTIVE.call(self, input, self._hat_forward_tensor)
+        rec = _trace.active()
+        if rec is not None:
+            return rec.call(self, input, self._hat_forward_tensor)
         return self._hat_forward_tensor(input)
 
     def _hat_forward_tensor(self, x: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,11 @@ class HATMasker(HATMasked, nn.Module):
     flattened image) the task needs: ``masker.get_mask(t)`` is then a feature-importance map.
     """
 
+    _hat_has_weights = False  # it masks its input: nothing of its own to protect per unit, no coverage entry
+
+    def _hat_apply_trace(self, rec: Any, seen: list[tuple[Any, int]]) -> None:
+        """Its mask is over its own input: no input link to learn."""
+
     def __init__(self, num_features: int, hat_config: HATConfig, device: Any = None, dtype: Any = None) -> None:
         _check_config(hat_config)
         super().__init__()
@@ -36,8 +41,9 @@ class HATMasker(HATMasked, nn.Module):
             if task is None:  # no task: nothing here trains, the input passes untouched
                 return input._derive(input.data, mask=None, unit_mask=None, unit_dim=-1, src=None)
             return self._hat_masked_payload(input, input.data, task, scale)  # marks the probe
-        if _trace.ACTIVE is not None:
-            return _trace.ACTIVE.call(self, input, self._hat_forward_tensor)
+        rec = _trace.active()
+        if rec is not None:
+            return rec.call(self, input, self._hat_forward_tensor)
         return self._hat_forward_tensor(input)
 
     def _hat_forward_tensor(self, x: torch.Tensor) -> torch.Tensor:

@@ -92,6 +92,18 @@ class _TaskIndexedNorm(TaskTracked, nn.Module):
         gathered = torch.cat([*masks, ref.new_ones(1), ref.new_zeros(1)])[self.hat_unit_gather]
         return gathered.amax(0) if gathered.dim() > 1 else gathered
 
+    # -- the first-call trace ----------------------------------------------------------------
+    def _hat_output_units(self, rec: Any, carried: Any, x: Any, y: torch.Tensor) -> Any:
+        return rec.norm_output(self, carried, x, y)  # its input's units, where it masks again with them
+
+    def _hat_apply_trace(self, rec: Any, seen: list[tuple[Any, int]]) -> None:
+        unit_map = rec.norm_map(self, seen)
+        if unit_map is not None:
+            self._hat_set_unit_map(unit_map)
+
+    def _hat_trace_unmasked(self, rec: Any, seen: list[tuple[Any, int]]) -> bool:
+        return self not in rec.dense_norms and any(not u.dense for u, _ in seen) and rec.norm_map(self, seen) is None
+
     def _hat_post_forward(self, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """timm's ``drop`` and ``act`` after the norm; the mask again after them if they move 0."""
         post = [self._modules[n] for n in _POST if n in self._modules]
@@ -117,8 +129,9 @@ class _TaskIndexedNorm(TaskTracked, nn.Module):
             y = self._hat_post_forward(self._normalize(x, slot, mask), mask)  # reports the slot to the probe
             return input._derive(y, mask=None, unit_mask=mask, unit_dim=-1 if dim is None else dim, src=input._src,
                                  repeat=input._repeat)
-        if _trace.ACTIVE is not None:
-            return _trace.ACTIVE.call(self, input, self._hat_forward_tensor)
+        rec = _trace.active()
+        if rec is not None:
+            return rec.call(self, input, self._hat_forward_tensor)
         return self._hat_forward_tensor(input)
 
     def _hat_forward_tensor(self, x: torch.Tensor) -> torch.Tensor:
@@ -280,6 +293,9 @@ class _TaskIndexedBatchNorm(_TaskIndexedNorm):
     utilities written for BatchNorm (fusing into convolutions, freezing) would misread them.
     """
 
+    def _hat_applies_mask_of(self, layer: Any) -> bool:
+        return self._hat_unit_map is not None and self._hat_unit_map.identity_of() is layer
+
     #: how much further from the hard masks than at ``max_trn_mask_scale`` (mean over units) the
     #: soft masks of a training forward may be for its batch to enter the running statistics
     #: (``float("-inf")``: every batch enters by torch's rule)
@@ -407,8 +423,9 @@ class _TaskIndexedBatchNorm(_TaskIndexedNorm):
             y = self._hat_post_forward(y, mask)
             mask = input._unit_mask if known else None
             return input._derive(y, mask=None, unit_mask=mask, unit_dim=1, src=input._src, repeat=input._repeat)
-        if _trace.ACTIVE is not None:
-            return _trace.ACTIVE.call(self, input, self._hat_forward_tensor)
+        rec = _trace.active()
+        if rec is not None:
+            return rec.call(self, input, self._hat_forward_tensor)
         return self._hat_forward_tensor(input)
 
     def _hat_forward_tensor(self, x: torch.Tensor) -> torch.Tensor:

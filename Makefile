@@ -19,6 +19,7 @@ demo: $(STAMP)
 	$(PY) -m hat run --benchmark split-digits --model mlp --epochs 5 --optimizer adamw --lr 1e-3 --seed 0 --compare --out runs/demo
 
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

@@ -92,7 +92,8 @@ def run(tasks: list, optimizer_name: str, schedule: str, rule: str, seed: int) -
             for b, idx in enumerate(batches):
                 s = get_hat_mask_scale(schedule, 100.0, b / (len(batches) - 1))
                 hat.set_task(model, t, mask_scale=s)
-                loss = F.cross_entropy(model(x[idx], t), y[idx]) + 0.75 * get_hat_reg_term(model, task_id=t, mask_scale=s)
+                loss = F.cross_entropy(model(x[idx], t), y[idx]) + 0.75 * get_hat_reg_term(
+                    model, task_id=t, mask_scale=s)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()

@@ -23,7 +23,8 @@ def main() -> None:
     rows = {"hat": [], "finetune": []}
     for seed in args.seeds:
         for method in rows:
-            argv = ["run", "--benchmark", "split-fashion-mnist", "--model", "mlp", "--optimizer", "adam", "--lr", "1e-3",
+            argv = ["run", "--benchmark", "split-fashion-mnist", "--model", "mlp", "--optimizer", "adam",
+                    "--lr", "1e-3",
                     "--epochs", "2", "--batch-size", "32", "--method", method, "--seed", str(seed)]
             if args.data_dir:
                 argv += ["--data-dir", args.data_dir]

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import hat
-import hat.timm_models  # noqa: F401
+import hat.timm_models
 from hat import HATConfig
 
 
@@ -138,7 +138,8 @@ def main() -> int:
     ok = invariant(device, compile_it=True) and ok
     for fused in (False, True):
         ratio = step_ratio(device, fused)
-        print(f"hat_resnet18s train step, AdamW{' (fused)' if fused else ''}, batch 128, 32x32: HAT / plain = {ratio:.3f}x")
+        print(f"hat_resnet18s train step, AdamW{' (fused)' if fused else ''}, batch 128, 32x32: "
+              f"HAT / plain = {ratio:.3f}x")
     return 0 if ok else 2
 
 

@@ -212,7 +212,7 @@ def timm_resnet(repeats: int, warmup: int, fused: bool) -> float:
     import timm
 
     import hat
-    import hat.timm_models  # noqa: F401  (registers hat_resnet18s)
+    import hat.timm_models
 
     torch.manual_seed(0)
     model = timm.create_model("hat_resnet18s", hat_config=HATConfig(num_tasks=5), num_classes=10)

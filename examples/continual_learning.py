@@ -16,16 +16,17 @@ import argparse
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import timm  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import timm
+import torch
 
-import hat  # noqa: E402
-import hat.timm_models  # noqa: E402, F401
-from _common import load_tasks  # noqa: E402
-from _loop import accuracy, train_task  # noqa: E402
-from hat import HATConfig  # noqa: E402
-from hat.experiment import backward_transfer, split_cifar  # noqa: E402
+import hat
+import hat.timm_models  # noqa: F401
+from hat import HATConfig
+from hat.experiment import backward_transfer, split_cifar
+
+from _common import load_tasks
+from _loop import accuracy, train_task
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--cifar-dir", default=None, help="a local cifar-10-batches-py folder (the original's dataset)")
@@ -37,7 +38,8 @@ parser.add_argument("--out", default="continual_learning.png")
 args = parser.parse_args()
 
 if args.cifar_dir:
-    tasks = [(x[:args.per_task], y[:args.per_task], xt, yt) for x, y, xt, yt in split_cifar("cifar10", 5, args.cifar_dir)]
+    tasks = [(x[:args.per_task], y[:args.per_task], xt, yt)
+             for x, y, xt, yt in split_cifar("cifar10", 5, args.cifar_dir)]
 else:
     tasks = load_tasks("fashion-mnist", args.per_task)
 tasks = [(x, y, xt[:args.test_per_task], yt[:args.test_per_task]) for x, y, xt, yt in tasks]
@@ -52,7 +54,8 @@ for t, (x, y, _, _) in enumerate(tasks):
     train_task(model, optimizer, x, y, t, epochs=args.epochs, s_max=100.0, batch_size=64)
     matrix.append([accuracy(model, x_te, y_te, k) for k, (_, _, x_te, y_te) in enumerate(tasks[:t + 1])])
     print(f"after task {t}: " + "  ".join(f"{100 * a:5.1f}" for a in matrix[-1]), flush=True)
-print(f"average accuracy {100 * sum(matrix[-1]) / len(matrix[-1]):.2f} %, BWT {100 * backward_transfer(matrix) + 0.0:.3f} pp")
+print(f"average accuracy {100 * sum(matrix[-1]) / len(matrix[-1]):.2f} %, "
+      f"BWT {100 * backward_transfer(matrix) + 0.0:.3f} pp")
 
 grid = [[100 * row[k] if k < len(row) else float("nan") for k in range(len(tasks))] for row in matrix]
 fig, ax = plt.subplots(figsize=(5, 4))

@@ -15,15 +15,16 @@ import argparse
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-from _common import load_tasks  # noqa: E402
-from hat import HATConfig, HATPayload  # noqa: E402
-from hat.modules import HATLinear, HATMasker, TaskIndexedLinear  # noqa: E402
-from hat.utils import get_hat_mask_scale, get_hat_reg_term  # noqa: E402
+from hat import HATConfig, HATPayload
+from hat.modules import HATLinear, HATMasker, TaskIndexedLinear
+from hat.utils import get_hat_mask_scale, get_hat_reg_term
+
+from _common import load_tasks
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--dataset", choices=["fashion-mnist", "digits"], default="fashion-mnist")

@@ -14,12 +14,13 @@ import argparse
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
-from _common import load_tasks  # noqa: E402
-from _loop import accuracy, mlp, train_task  # noqa: E402
-from hat import HATConfig  # noqa: E402
+from hat import HATConfig
+
+from _common import load_tasks
+from _loop import accuracy, mlp, train_task
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--dataset", choices=["fashion-mnist", "digits"], default="fashion-mnist")
@@ -34,7 +35,8 @@ results = {}
 for init in ("normal", "dense"):
     for schedule in ("linear", "cosine"):
         torch.manual_seed(0)
-        model = mlp(in_features, HATConfig(num_tasks=5, init_strat=init, max_trn_mask_scale=400.0, grad_comp_factor=400.0))
+        model = mlp(in_features, HATConfig(num_tasks=5, init_strat=init, max_trn_mask_scale=400.0,
+                                           grad_comp_factor=400.0))
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         seen: list[float] = []
         for t, (x, y, _, _) in enumerate(tasks):

@@ -12,12 +12,13 @@ import argparse
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
-from _common import load_tasks  # noqa: E402
-from _loop import accuracy, capacity_used, mlp, train_task  # noqa: E402
-from hat import HATConfig  # noqa: E402
+from hat import HATConfig
+
+from _common import load_tasks
+from _loop import accuracy, capacity_used, mlp, train_task
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--dataset", choices=["fashion-mnist", "digits"], default="fashion-mnist")

@@ -17,10 +17,24 @@ from hat.payload import HATPayload
 __version__ = "0.2.0"
 
 __all__ = [
-    "HATConfig", "HATPayload", "convert", "unconvert", "set_task", "task", "mark_trained", "trained_tasks",
-    "condition_gradients", "coverage", "LayerCoverage",
-    "modules", "utils",
-    "HATError", "HATTypeError", "HATValueError", "TaskIndexError", "__version__",
+    "HATConfig",
+    "HATError",
+    "HATPayload",
+    "HATTypeError",
+    "HATValueError",
+    "LayerCoverage",
+    "TaskIndexError",
+    "__version__",
+    "condition_gradients",
+    "convert",
+    "coverage",
+    "mark_trained",
+    "modules",
+    "set_task",
+    "task",
+    "trained_tasks",
+    "unconvert",
+    "utils",
 ]
 
 _protect.install()

@@ -64,7 +64,8 @@ def read_meta(folder: Path) -> dict[str, Any]:
     except (OSError, ValueError) as err:
         raise CheckpointError(f"the checkpoint's meta.json in {folder} is unreadable: {err}") from None
     if meta.get("format") != FORMAT:
-        raise CheckpointError(f"the checkpoint in {folder} has format {meta.get('format')!r}; this version reads {FORMAT}")
+        raise CheckpointError(f"the checkpoint in {folder} has format {meta.get('format')!r}; "
+                              f"this version reads {FORMAT}")
     return meta
 
 
@@ -77,7 +78,7 @@ def load(folder: Path, meta: dict[str, Any], model: nn.Module, optimizer: torch.
     try:
         weights = load_file(str(folder / "model.safetensors"))
         tensors = load_file(str(folder / "optimizer.safetensors"))
-    except Exception as err:  # safetensors raises its own error type for truncated or foreign files
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error type for truncated or foreign files
         raise CheckpointError(f"the checkpoint in {folder} is corrupt or truncated: {err}") from None
     if "generator_state" not in tensors:
         raise CheckpointError(f"the checkpoint in {folder} is incomplete: no generator state")

@@ -28,7 +28,8 @@ def check_task_id(task_id: Any, num_tasks: int | None, *, name: str = "task_id",
             return None
         raise HATTypeError(f"{name} must be {allowed}; got None")
     if isinstance(task_id, torch.Tensor):
-        if task_id.dim() != 0 or task_id.dtype.is_floating_point or task_id.dtype.is_complex or task_id.dtype == torch.bool:
+        if (task_id.dim() != 0 or task_id.dtype.is_floating_point or task_id.dtype.is_complex
+                or task_id.dtype == torch.bool):
             raise HATTypeError(
                 f"{name} must be {allowed} or None; got a tensor of dtype {task_id.dtype} and shape "
                 f"{tuple(task_id.shape)} (a 0-d integer tensor is accepted)"
@@ -53,7 +54,8 @@ def check_mask_scale(mask_scale: Any, *, name: str = "mask_scale") -> float | No
         return None
     if isinstance(mask_scale, torch.Tensor):
         if mask_scale.numel() != 1 or mask_scale.dtype == torch.bool or mask_scale.dtype.is_complex:
-            raise HATTypeError(f"{name} must be a positive finite number or None; got a tensor of shape {tuple(mask_scale.shape)}")
+            raise HATTypeError(f"{name} must be a positive finite number or None; got a tensor of shape "
+                               f"{tuple(mask_scale.shape)}")
         value = float(mask_scale.item())
     elif isinstance(mask_scale, bool) or not isinstance(mask_scale, numbers.Real):
         raise HATTypeError(

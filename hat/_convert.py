@@ -15,7 +15,8 @@ import copy
 import re
 import warnings
 from collections import Counter
-from typing import Any, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,13 +25,13 @@ from hat import _coverage, _statistics, _trace
 from hat._checks import check_mask_scale, check_task_id
 from hat._core import TaskTracked, _check_config, task_modules
 from hat._errors import HATTypeError, HATValueError
-from hat.config import HATConfig
 from hat._mapping import DEFAULT_MAPPING, default_mapping
 from hat._task_params import candidates
-from hat.modules._generated import make_task_parameters
+from hat.config import HATConfig
 from hat.modules import TaskIndexedLinear
+from hat.modules._generated import make_task_parameters
 
-__all__ = ["convert", "unconvert", "set_task", "task", "DEFAULT_MAPPING"]
+__all__ = ["DEFAULT_MAPPING", "convert", "set_task", "task", "unconvert"]
 
 # layer families whose instances (subclasses included) are converted or left plain, never split per task
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
@@ -194,7 +195,8 @@ def convert(model: nn.Module, hat_config: HATConfig, *, include: Pattern = None,
     Modules of exactly the mapped types (default: nn.Linear, nn.Conv1d/2d/3d, the torch norms, and
     timm's and torchvision's layer families, see ``hat._mapping``) become HAT layers / task-indexed
     norms keeping every weight, buffer and Parameter object. The parameters other modules hold
-    themselves (class tokens, position embeddings, layer scales) get one row per task. ``classifier="auto"`` turns the classifier (timm's
+    themselves (class tokens, position embeddings, layer scales) get one row per task.
+    ``classifier="auto"`` turns the classifier (timm's
     ``pretrained_cfg['classifier']``, else the last nn.Linear) into a ``TaskIndexedLinear`` head,
     one per task, each starting from its weights; per-task heads the model already has (the last
     nn.Linear sits in a ModuleList/ModuleDict) stay plain. A module name picks the classifier;
@@ -253,7 +255,8 @@ def convert(model: nn.Module, hat_config: HATConfig, *, include: Pattern = None,
     if not targets:
         types = Counter(type(m).__name__ for n, m in modules.items() if n)
         found = ", ".join(f"{t} x{c}" for t, c in types.most_common(12)) or "none"
-        raise HATValueError(f"convert: no module matched (include={include!r}, exclude={exclude!r}); the model's module "
+        raise HATValueError(f"convert: no module matched (include={include!r}, "
+                            f"exclude={exclude!r}); the model's module "
                             f"types: {found}; convertible: {', '.join(t.__name__ for t in table)}")
     if exc is not None and not excluded_any:
         warnings.warn(f"convert: exclude={exclude!r} excluded no module that would be converted", stacklevel=2)

@@ -20,13 +20,13 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from hat import _units
 from hat._checks import check_task_id
 from hat._errors import HATTypeError, HATValueError
 from hat.config import HATConfig
-from hat import _units
 from hat.payload import UNKNOWN, HATPayload
 
-__all__ = ["TaskTracked", "HATMasked", "live_modules", "task_modules", "shallow_clone", "plain_children"]
+__all__ = ["HATMasked", "TaskTracked", "live_modules", "plain_children", "shallow_clone", "task_modules"]
 
 # Every task-aware module alive in the process; the optimizer hooks look here for the owners
 # of an optimizer's parameters (a hand-built model is never registered anywhere else).
@@ -164,7 +164,8 @@ class _GroupMask(torch.autograd.Function):
         rows = _compensated(grad, e, ctx.z, ctx.mask, ctx.factor, ctx.clamp)
         split = rows.split(ctx.sizes) if len(grads) > 1 else (rows,)
         row_grads = [r if u else None for r, u in zip(split, used)]
-        hots = [_one_hot(n, ctx.task, dtype, grad.device) if u else None for (n, dtype), u in zip(ctx.probes, used)]  # [] without probes
+        # [] without probes
+        hots = [_one_hot(n, ctx.task, dtype, grad.device) if u else None for (n, dtype), u in zip(ctx.probes, used)]
         return (None,) * 5 + tuple(row_grads) + tuple(hots)
 
 
@@ -191,7 +192,8 @@ class _Entry:
         if self.deviation is None:
             with torch.no_grad():
                 m = torch.cat(self.masks) if len(self.masks) > 1 else self.masks[0]
-                e = torch.cat([emb[task] for emb in self.embeddings]) if len(self.embeddings) > 1 else self.embeddings[0][task]
+                e = (torch.cat([emb[task] for emb in self.embeddings]) if len(self.embeddings) > 1
+                     else self.embeddings[0][task])
                 ref = _flush(torch.sigmoid(e * max(scale, s_max)))
                 self.deviation = float(torch.minimum(m, 1 - m).mean() - torch.minimum(ref, 1 - ref).mean())
         return self.deviation
@@ -517,7 +519,8 @@ class TaskTracked:
         self._hat_check_scale(task, scale, "select a mask scale with hat.set_task(model, task_id, mask_scale=...)")
         return task, scale
 
-    def _hat_step_masks(self, training: set[int], protected: frozenset[int]) -> list[tuple[nn.Parameter, Split | None, bool]]:
+    def _hat_step_masks(self, training: set[int],
+                        protected: frozenset[int]) -> list[tuple[nn.Parameter, Split | None, bool]]:
         """(parameter, its protected entries, condition its gradient) for one optimizer step; None
         means the whole parameter. ``training``: the slots being trained; ``protected``: trained
         tasks that must not change."""
@@ -600,7 +603,7 @@ def _row_split(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype,
 class _StepState:
     """What one training step has seen so far; transient, never saved."""
 
-    __slots__ = ("latest", "bwd", "trained", "witnessed")
+    __slots__ = ("bwd", "latest", "trained", "witnessed")
 
     def __init__(self) -> None:
         self.latest: torch.Tensor | None = None  # the probe gradient of the latest backward, not yet read
@@ -668,7 +671,8 @@ class HATMasked(TaskTracked):
                 return _group_of(cfg).mask(self, task, scale), True
             # one layer on its own: get_mask, the regularizer, traced payload forwards
             probes = (self._hat_probe,) if mark else ()
-            return _GroupMask.apply(task, scale, cfg.grad_comp_factor, cfg.grad_comp_clamp, 1, emb[task], *probes)[0], mark
+            return _GroupMask.apply(task, scale, cfg.grad_comp_factor, cfg.grad_comp_clamp, 1, emb[task],
+                                    *probes)[0], mark
         return self._hat_generic_gate(emb[task], scale), False
 
     def _hat_generic_gate(self, e: torch.Tensor, scale: Any) -> torch.Tensor:
@@ -759,7 +763,8 @@ class HATMasked(TaskTracked):
             self.__dict__["_hat_link"] = _units.dense(link.size, _FED_FROM_MANY)
             _invalidate_masks()
 
-    def _hat_masked_payload(self, payload: HATPayload, y: torch.Tensor, task: int | None, scale: float | None) -> HATPayload:
+    def _hat_masked_payload(self, payload: HATPayload, y: torch.Tensor, task: int | None,
+                            scale: float | None) -> HATPayload:
         if task is None:
             y = self._hat_mark(y, self.num_tasks)
             return payload._derive(y, mask=None, unit_mask=None, unit_dim=-1, src=None)

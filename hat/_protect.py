@@ -29,7 +29,7 @@ from hat._checks import check_task_id
 from hat._core import _MASK_GENERATION, HATMasked, TaskTracked, live_modules, task_modules
 from hat._errors import HATValueError
 
-__all__ = ["mark_trained", "trained_tasks", "condition_gradients", "install"]
+__all__ = ["condition_gradients", "install", "mark_trained", "trained_tasks"]
 
 # id(plain parameter) -> (weakref to it, per task: did it train it). Keyed by id:
 # tensors compare elementwise, so they cannot be dictionary keys themselves.
@@ -86,7 +86,8 @@ class _Plan:
     in_optimizer: set[int]
     protections: dict[Any, _Protection] = field(default_factory=dict)
 
-    def protection(self, optimizer: Any, training: dict[int, set[int]], protected: dict[int, frozenset[int]]) -> _Protection:
+    def protection(self, optimizer: Any, training: dict[int, set[int]],
+                   protected: dict[int, frozenset[int]]) -> _Protection:
         key = (_MASK_GENERATION[0], tuple((n, frozenset(training[n]), protected[n]) for n in sorted(training)))
         got = self.protections.get(key)
         if got is None:

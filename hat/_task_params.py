@@ -21,7 +21,7 @@ from torch import nn
 from hat._checks import check_task_id
 from hat._core import TaskTracked, rows
 
-__all__ = ["TaskParameters", "MAX_ENTRIES", "candidates"]
+__all__ = ["MAX_ENTRIES", "TaskParameters", "candidates"]
 
 # a parameter with more entries than this stays shared: num_tasks + 1 copies would cost too much
 MAX_ENTRIES = 2**20

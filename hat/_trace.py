@@ -253,7 +253,7 @@ def _moves_zero(name: str) -> Callable[..., _Units]:
 
 
 def _add(rec: _Recorder, args: Any, kwargs: Any, out: torch.Tensor) -> _Units:
-    operands = [a for a in (list(args[:2]) + [kwargs.get("other")]) if a is not None]
+    operands = [a for a in (*args[:2], kwargs.get("other")) if a is not None]
     units = []
     for a in operands:
         if not isinstance(a, torch.Tensor) or rec.get(a) is None:
@@ -268,7 +268,7 @@ def _add(rec: _Recorder, args: Any, kwargs: Any, out: torch.Tensor) -> _Units:
 def _mul(rec: _Recorder, args: Any, kwargs: Any, out: torch.Tensor) -> _Units:
     """A product is zero wherever one factor is: the masked factors' units (union: a position is
     counted as used unless every masked factor zeroes it), whatever the other factors are."""
-    operands = [a for a in (list(args[:2]) + [kwargs.get("other")]) if isinstance(a, torch.Tensor)]
+    operands = [a for a in (*args[:2], kwargs.get("other")) if isinstance(a, torch.Tensor)]
     known = []
     for a in operands:
         u = rec.get(a)
@@ -347,14 +347,10 @@ def _reshaped(u: _Units, shape: tuple[int, ...], new: tuple[int, ...]) -> _Units
         index_dims.append(tuple(d - dst.start for d in varying))
     if not dims:
         return _dense("a reshape left no unit dimension")
-    parts = []
-    for (source, _), runs in zip(u.parts, rebuilt):
-        pieces = [_compress(t, keep) for t, keep in zip(runs, index_dims)]
-        index = pieces[0]
-        for p in pieces[1:]:  # units over two runs: an outer product of positions (rare)
-            return _dense("units spread over two reshaped runs of dimensions")
-        parts.append((source, index))
-    return _Units(tuple(dims), tuple(parts))
+    if len(index_dims) > 1:  # units over two runs: an outer product of positions (rare)
+        return _dense("units spread over two reshaped runs of dimensions")
+    parts = tuple((source, _compress(runs[0], index_dims[0])) for (source, _), runs in zip(u.parts, rebuilt))
+    return _Units(tuple(dims), parts)
 
 
 def _varies(t: torch.Tensor, d: int) -> bool:
@@ -608,7 +604,8 @@ def _rule_table() -> dict[str, Callable[..., Any]]:
     table: dict[str, Callable[..., Any]] = {}
     keep = (
         "relu", "relu_", "relu6", "gelu", "silu", "silu_", "hardswish", "hardswish_", "leaky_relu", "leaky_relu_",
-        "elu", "elu_", "selu", "celu", "mish", "hardtanh", "hardtanh_", "tanh", "tanh_", "softsign", "dropout", "dropout_", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
+        "elu", "elu_", "selu", "celu", "mish", "hardtanh", "hardtanh_", "tanh", "tanh_", "softsign", "dropout",
+        "dropout_", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
         "feature_alpha_dropout", "max_pool1d", "max_pool2d", "max_pool3d", "max_pool1d_with_indices",
         "max_pool2d_with_indices", "max_pool3d_with_indices", "avg_pool1d", "avg_pool2d", "avg_pool3d",
         "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",

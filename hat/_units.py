@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Part", "UnitMap", "dense", "of_layer", "MODEL_INPUT"]
+__all__ = ["MODEL_INPUT", "Part", "UnitMap", "dense", "of_layer"]
 
 # the dense positions a first layer reads (HAT counts every input unit as used)
 MODEL_INPUT = "the model's input"

@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["main", "run", "build_parser", "format_results"]
+__all__ = ["build_parser", "format_results", "main", "run"]
 
 BENCHMARKS = ("split-digits", "split-fashion-mnist", "permuted-fashion-mnist", "split-cifar10", "split-cifar100")
 MAX_TASKS = {"split-digits": 5, "split-fashion-mnist": 5, "permuted-fashion-mnist": 10, "split-cifar10": 5,
@@ -31,7 +31,8 @@ DEFAULT_LR = {"adamw": 1e-3, "adam": 1e-3, "sgd": 0.05}
 def build_parser() -> argparse.ArgumentParser:
     from hat.experiment import METHODS, MODELS, OPTIMIZERS
 
-    parser = argparse.ArgumentParser(prog="python -m hat", description="HAT (Hard Attention to the Task) continual learning.")
+    parser = argparse.ArgumentParser(prog="python -m hat",
+                                     description="HAT (Hard Attention to the Task) continual learning.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     r = commands.add_parser(
         "run", help="train a task sequence and print the accuracy matrix, average accuracy and BWT",
@@ -70,8 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--s-max", type=_positive_float, default=400.0,
                    help="largest mask scale; annealed linearly from 1/s_max within each epoch (paper: 400)")
     r.add_argument("--mask-init", choices=("normal", "dense", "sparse"), default="normal",
-                   help="task embeddings at the start: normal N(0,1) (paper), dense (every unit on), sparse (every unit off)")
-    r.add_argument("--reg", type=_non_negative_float, default=0.75, help="weight c of the mask regularizer (paper: 0.75)")
+                   help="task embeddings at the start: normal N(0,1) (paper), dense (every unit on), "
+                        "sparse (every unit off)")
+    r.add_argument("--reg", type=_non_negative_float, default=0.75,
+                   help="weight c of the mask regularizer (paper: 0.75)")
     r.add_argument("--seed", type=int, default=0, help="seeds the data split, weight init and batch order")
     r.add_argument("--compare", action="store_true",
                    help="also run --method finetune on the same data and settings, and print both")
@@ -99,8 +102,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from hat import _checkpoint
     from hat.experiment import (
-        average_accuracy, backward_transfer, build_model, build_optimizer, capacity, forgetting, run_sequence,
-        permuted_fashion_mnist, split_cifar, split_digits, split_fashion_mnist,
+        average_accuracy,
+        backward_transfer,
+        build_model,
+        build_optimizer,
+        capacity,
+        forgetting,
+        permuted_fashion_mnist,
+        run_sequence,
+        split_cifar,
+        split_digits,
+        split_fashion_mnist,
     )
 
     config = vars(args).copy()
@@ -122,7 +134,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     classes = int(tasks[0][1].max()) + 1
     with torch.random.fork_rng(devices=[]):  # seeded weight init without touching the caller's RNG
         torch.manual_seed(args.seed)
-        model = build_model(args.model, config["tasks"], classes, s_max=args.s_max, input_shape=tuple(tasks[0][0].shape[1:]),
+        model = build_model(args.model, config["tasks"], classes, s_max=args.s_max,
+                            input_shape=tuple(tasks[0][0].shape[1:]),
                             hidden=config["hidden"], mask_init=args.mask_init)
     optimizer = build_optimizer(args.optimizer, model.parameters(), config["lr"])
     generator = torch.Generator().manual_seed(args.seed)
@@ -218,9 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import json
     from pathlib import Path
 
-    from hat.experiment import DataNotFoundError
-
     from hat._checkpoint import CheckpointError
+    from hat.experiment import DataNotFoundError
 
     parser = build_parser()
     args = parser.parse_args(argv)

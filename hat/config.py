@@ -57,7 +57,8 @@ class HATConfig(Mapping):
         if self.num_tasks <= 0:
             raise HATValueError(f"num_tasks must be a positive int; got {self.num_tasks}")
         self.num_tasks = int(self.num_tasks)
-        if self.mask_dim is not None and (isinstance(self.mask_dim, bool) or not isinstance(self.mask_dim, numbers.Integral)):
+        if self.mask_dim is not None and (isinstance(self.mask_dim, bool)
+                                          or not isinstance(self.mask_dim, numbers.Integral)):
             raise HATTypeError(f"mask_dim must be an int or None; got {self.mask_dim!r}")
         if self.init_strat not in _INIT_STRATEGIES:
             raise HATValueError(f"init_strat must be one of {_INIT_STRATEGIES}; got {self.init_strat!r}")

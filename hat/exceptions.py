@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from hat._errors import HATError, HATTypeError, HATValueError, TaskIndexError
 
-__all__ = ["HATError", "HATTypeError", "HATValueError", "TaskIndexError", "ModuleConversionWarning"]
+__all__ = ["HATError", "HATTypeError", "HATValueError", "ModuleConversionWarning", "TaskIndexError"]
 
 
 class ModuleConversionWarning(UserWarning):

@@ -3,7 +3,8 @@
 The library side of ``python -m hat run``; usable on its own::
 
     import torch
-    from hat.experiment import average_accuracy, backward_transfer, build_model, build_optimizer, run_sequence, split_digits
+    from hat.experiment import (average_accuracy, backward_transfer, build_model, build_optimizer, run_sequence,
+                                split_digits)
 
     tasks = split_digits(num_tasks=5, seed=0)
     model = build_model("mlp", num_tasks=5, classes_per_task=2)
@@ -36,9 +37,26 @@ from hat.payload import HATPayload
 from hat.utils import get_hat_mask_scale, get_hat_reg_term
 
 __all__ = [
-    "Task", "Method", "MODELS", "OPTIMIZERS", "METHODS",
-    "split_digits", "split_fashion_mnist", "permuted_fashion_mnist", "split_cifar", "DataNotFoundError", "build_model", "build_optimizer", "train_task", "evaluate", "run_sequence",
-    "average_accuracy", "backward_transfer", "forgetting", "capacity", "timm_model_names",
+    "METHODS",
+    "MODELS",
+    "OPTIMIZERS",
+    "DataNotFoundError",
+    "Method",
+    "Task",
+    "average_accuracy",
+    "backward_transfer",
+    "build_model",
+    "build_optimizer",
+    "capacity",
+    "evaluate",
+    "forgetting",
+    "permuted_fashion_mnist",
+    "run_sequence",
+    "split_cifar",
+    "split_digits",
+    "split_fashion_mnist",
+    "timm_model_names",
+    "train_task",
 ]
 
 # (x_train, y_train, x_test, y_test); x is [N, C, H, W] float in [0, 1], y holds labels 0..classes-1
@@ -84,7 +102,8 @@ def split_digits(num_tasks: int = 5, seed: int = 0, train_fraction: float = 0.7)
 
 # Where Debian's dataset-fashion-mnist puts the IDX files (`dpkg -L dataset-fashion-mnist`).
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
-_FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+_FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                  "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -304,7 +323,8 @@ def timm_model_names() -> list[str]:
 def _timm_model(name: str, cfg: HATConfig, classes: int, shape: tuple[int, int, int]) -> nn.Module:
     names = timm_model_names()
     if name not in names:
-        raise ValueError(f"model {name!r} is not a registered hat_* timm model ({', '.join(names) or 'timm not installed'})")
+        raise ValueError(f"model {name!r} is not a registered hat_* timm model "
+                         f"({', '.join(names) or 'timm not installed'})")
     import timm
 
     c, h, w = shape

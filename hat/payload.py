@@ -54,7 +54,7 @@ class HATPayload:
         y = out.forward_by(nn.ReLU()).data
     """
 
-    __slots__ = ("_raw", "_data", "_mask", "_unit_mask", "_unit_dim", "_src", "_repeat", "task_id", "mask_scale")
+    __slots__ = ("_data", "_mask", "_raw", "_repeat", "_src", "_unit_dim", "_unit_mask", "mask_scale", "task_id")
 
     def __init__(self, data: torch.Tensor, task_id: Any = None, mask_scale: Any = None) -> None:
         if not isinstance(data, torch.Tensor):
@@ -101,7 +101,8 @@ class HATPayload:
         x = self.data
         y = module(x, *args, **kwargs)
         if not isinstance(y, torch.Tensor):
-            raise TypeError(f"forward_by expects the module to return a tensor; {type(module).__name__} returned {type(y).__name__}")
+            raise TypeError("forward_by expects the module to return a tensor; "
+                            f"{type(module).__name__} returned {type(y).__name__}")
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training and self.task_id is not None:
             _warn_shared_norm(module)
         return self._after(module, x, y)
@@ -114,7 +115,8 @@ class HATPayload:
         if isinstance(module, _ZERO_KEEPING + _ZERO_MOVING) and y.dim() == x.dim() and y.shape[d] == x.shape[d]:
             pending = unit_mask if isinstance(module, _ZERO_MOVING) else None
             return self._derive(y, mask=pending, unit_mask=unit_mask, unit_dim=dim, src=src, repeat=self._repeat)
-        if isinstance(module, nn.Flatten) and d == module.start_dim % x.dim() and module.end_dim % x.dim() == x.dim() - 1:
+        if (isinstance(module, nn.Flatten) and d == module.start_dim % x.dim()
+                and module.end_dim % x.dim() == x.dim() - 1):
             # channel-major flatten: every unit repeats over the flattened positions
             per_unit = math.prod(x.shape[d + 1:])
             return self._derive(y, mask=None, unit_mask=unit_mask.repeat_interleave(per_unit), unit_dim=d,
@@ -122,7 +124,8 @@ class HATPayload:
         return self._derive(y, mask=None, unit_mask=None, unit_dim=-1, src=UNKNOWN)
 
     def __repr__(self) -> str:
-        return f"HATPayload(data=<tensor {tuple(self._raw.shape)}>, task_id={self.task_id}, mask_scale={self.mask_scale})"
+        return (f"HATPayload(data=<tensor {tuple(self._raw.shape)}>, task_id={self.task_id}, "
+                f"mask_scale={self.mask_scale})")
 
 
 def _along(mask: torch.Tensor, dim: int, ndim: int) -> torch.Tensor:

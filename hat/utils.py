@@ -12,13 +12,17 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from hat._checks import check_mask_scale, check_task_id, check_positive
+from hat._checks import check_mask_scale, check_positive, check_task_id
 from hat._core import HATMasked, _group_of
 from hat._errors import HATTypeError, HATValueError
 
 __all__ = [
-    "get_hat_reg_term", "get_hat_mask_scale", "convert_to_task_dependent_module", "convert_to_base_module",
-    "RegStrategy", "ScaleStrategy",
+    "RegStrategy",
+    "ScaleStrategy",
+    "convert_to_base_module",
+    "convert_to_task_dependent_module",
+    "get_hat_mask_scale",
+    "get_hat_reg_term",
 ]
 
 RegStrategy = Literal["uniform", "paper"]
@@ -65,11 +69,13 @@ def get_hat_reg_term(module: nn.Module, strat: RegStrategy = "uniform", task_id:
     if strat == "paper":
         return used.sum() / free.sum().clamp_min(1)
     if forgive_quota:
-        used = (used - _quota(tuple((m.task_embedding.shape[1], m.num_tasks) for m in layers), used.dtype, used.device)).clamp_min(0)
+        used = (used - _quota(tuple((m.task_embedding.shape[1], m.num_tasks) for m in layers),
+                              used.dtype, used.device)).clamp_min(0)
     return (used / free.clamp_min(1)).mean()
 
 
-def _reg_from_forward(layers: list[HATMasked], task: int, scale: float | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _reg_from_forward(layers: list[HATMasked], task: int,
+                      scale: float | None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Per layer, the mask summed over free units and the free units, from the masks the training
     forward just took (one node for all layers of a config): a few ops for the whole model
     instead of a dozen per layer. None where that forward did not take them all."""

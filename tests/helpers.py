@@ -35,7 +35,8 @@ def train_task(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
 
 
 @torch.no_grad()
-def eval_logits(model: torch.nn.Module, x: torch.Tensor, task_id: int | None, forward: Callable | None = None) -> torch.Tensor:
+def eval_logits(model: torch.nn.Module, x: torch.Tensor, task_id: int | None,
+                forward: Callable | None = None) -> torch.Tensor:
     """Hard-mask eval-mode logits of ``task_id``."""
     forward = forward or (lambda m, p: m(p).data)
     was_training = model.training

@@ -32,7 +32,7 @@ def cifar10_dir(tmp_path):
 def test_cifar10_split_in_class_order(cifar10_dir):
     tasks = split_cifar("cifar10", data_dir=cifar10_dir)
     assert len(tasks) == 5
-    x_tr, y_tr, x_te, y_te = tasks[2]
+    x_tr, y_tr, x_te, _ = tasks[2]
     assert x_tr.shape == (40, 3, 32, 32) and x_te.shape == (8, 3, 32, 32)  # 5 files x 8 of classes 4 and 5
     assert set(y_tr.tolist()) == {0, 1} and float(x_tr.max()) <= 1.0
 

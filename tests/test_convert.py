@@ -13,7 +13,11 @@ from torch import nn
 import hat
 from hat import HATConfig, HATPayload
 from hat.modules import (
-    HATConv2d, HATLinear, TaskIndexedBatchNorm2d, TaskIndexedLayerNorm, TaskIndexedLinear,
+    HATConv2d,
+    HATLinear,
+    TaskIndexedBatchNorm2d,
+    TaskIndexedLayerNorm,
+    TaskIndexedLinear,
 )
 from hat.utils import convert_to_base_module, convert_to_task_dependent_module, get_hat_mask_scale, get_hat_reg_term
 
@@ -78,7 +82,8 @@ def test_converted_models_keep_earlier_tasks_bit_identical(digit_tasks, model_na
         assert acc >= 0.9, f"task {t} reached only {acc:.3f}"
         recorded[t] = eval_logits(model, x_probe, t, forward)
         for k in range(t):
-            assert torch.equal(eval_logits(model, x_probe, k, forward), recorded[k]), f"task {k} changed while {t} trained"
+            assert torch.equal(eval_logits(model, x_probe, k, forward),
+                               recorded[k]), f"task {k} changed while {t} trained"
 
 
 def test_plain_per_task_heads_train_without_warnings(digit_tasks):
@@ -220,12 +225,12 @@ def test_bad_arguments_change_nothing(kwargs, error, match):
 
 
 def test_bad_config_and_wrapped_or_converted_models():
-    with pytest.raises(TypeError, match="hat_config must be a hat.HATConfig"):
+    with pytest.raises(TypeError, match=r"hat_config must be a hat\.HATConfig"):
         hat.convert(sequential_cnn(), {"num_tasks": 2})
     model = hat.convert(sequential_cnn(), HATConfig(num_tasks=2))
     with pytest.raises(ValueError, match="already has HAT"):
         hat.convert(model, HATConfig(num_tasks=2))
-    with pytest.raises(TypeError, match="torch.compile"):
+    with pytest.raises(TypeError, match=r"torch\.compile"):
         hat.convert(torch.compile(sequential_cnn()), HATConfig(num_tasks=2))
     with pytest.raises(TypeError, match="DataParallel"):
         hat.convert(nn.DataParallel(sequential_cnn()), HATConfig(num_tasks=2))
@@ -266,17 +271,16 @@ def test_set_task_bad_scale_and_plain_model():
         hat.set_task(model, 0, mask_scale=-1.0)
     with pytest.raises(ValueError, match="no HAT or task-indexed layer"):
         hat.set_task(nn.Linear(2, 2), 0)
-    with pytest.raises(TypeError, match="torch.nn.Module"):
+    with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
         hat.set_task("model", 0)
 
 
 def test_task_context_restores_the_selection_even_on_error():
     model = hat.convert(sequential_cnn(), HATConfig(num_tasks=3))
     hat.set_task(model, 2, mask_scale=3.0)
-    with pytest.raises(RuntimeError, match="boom"):
-        with hat.task(model, 0):
-            assert all(m._hat_state == (0, None) for m in hat._core.task_modules(model))
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), hat.task(model, 0):
+        assert all(m._hat_state == (0, None) for m in hat._core.task_modules(model))
+        raise RuntimeError("boom")
     assert all(m._hat_state == (2, 3.0) and float(m.hat_scale) == 3.0 for m in hat._core.task_modules(model))
 
 
@@ -361,7 +365,8 @@ def test_payloads_still_work_on_converted_layers(digit_tasks):
     x = digit_tasks[0][0][:4]
     out = model[0](HATPayload(x, task_id=1, mask_scale=5.0))
     assert isinstance(out, HATPayload)
-    torch.testing.assert_close(out.data, model[0]._hat_base.forward(model[0], x) * model[0].get_mask(1, 5.0).view(1, -1, 1, 1))
+    torch.testing.assert_close(out.data,
+                               model[0]._hat_base.forward(model[0], x) * model[0].get_mask(1, 5.0).view(1, -1, 1, 1))
 
 
 # -- unconvert and hat-cl's helpers ------------------------------------------------------------------

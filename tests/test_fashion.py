@@ -29,7 +29,7 @@ def test_split_in_class_order_with_the_official_test_set(fashion_tasks):
     assert len(fashion_tasks) == 5
     for x_tr, y_tr, x_te, y_te in fashion_tasks:
         assert x_tr.shape == (12000, 1, 28, 28) and x_te.shape == (2000, 1, 28, 28)
-        assert x_tr.dtype == torch.float32 and 0.0 <= float(x_tr.min()) and float(x_tr.max()) <= 1.0
+        assert x_tr.dtype == torch.float32 and float(x_tr.min()) >= 0.0 and float(x_tr.max()) <= 1.0
         assert int((y_tr == 0).sum()) == int((y_tr == 1).sum()) == 6000
         assert int((y_te == 0).sum()) == int((y_te == 1).sum()) == 1000
 

@@ -23,7 +23,8 @@ def test_embedding_gradient_is_compensated_as_in_the_paper(scale, gate):
     (mask * weights).sum().backward()
     e = layer.task_embedding.detach()[1]
     sig = torch.sigmoid(scale * e)
-    expected = weights * scale * sig * (1 - sig) * 100.0 * (torch.cosh((scale * e).clamp(-50, 50)) + 1) / (scale * (torch.cosh(e) + 1))
+    expected = (weights * scale * sig * (1 - sig) * 100.0 * (torch.cosh((scale * e).clamp(-50, 50)) + 1)
+                / (scale * (torch.cosh(e) + 1)))
     torch.testing.assert_close(layer.task_embedding.grad[1], expected, rtol=1e-6, atol=1e-9)
     assert torch.count_nonzero(layer.task_embedding.grad[0]) == 0  # other tasks' rows get nothing
 

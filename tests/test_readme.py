@@ -14,20 +14,24 @@ def _block_after(heading: str) -> str:
     return re.search(r"```python\n(.*?)```", text[start:], re.S).group(1)
 
 
-def test_quick_start_runs():
+def _run(heading: str, label: str) -> dict:
+    """Run the README's code block after ``heading`` (exec is the point: the README's own code)."""
     ns: dict = {}
-    exec(compile(_block_after("## Quick start"), "README quick start", "exec"), ns)
+    exec(compile(_block_after(heading), label, "exec"), ns)  # noqa: S102
+    return ns
+
+
+def test_quick_start_runs():
+    ns = _run("## Quick start", "README quick start")
     assert ns["output_data"].shape == (10, 2)
 
 
 def test_own_model_example_learns_every_task_and_exports():
-    ns: dict = {}
-    exec(compile(_block_after("## Use HAT with your own model"), "README own model", "exec"), ns)
+    ns = _run("## Use HAT with your own model", "README own model")
     assert min(ns["accuracy"].values()) >= 0.97, ns["accuracy"]
     assert not any(type(m).__module__.startswith("hat") for m in ns["plain_task_0"].modules())
 
 
 def test_timm_example_runs():
-    ns: dict = {}
-    exec(compile(_block_after("## HAT networks in timm"), "README timm", "exec"), ns)
+    ns = _run("## HAT networks in timm", "README timm")
     assert ns["logits"].shape == (8, 10)

@@ -152,7 +152,8 @@ def test_the_end_of_a_task_refreshes_its_rows_with_the_final_weights_and_nothing
     assert torch.allclose(bn.running_var[1], conv_out.var((0, 2, 3)), rtol=1e-4)
     assert not torch.allclose(bn.running_mean[1], before[0][1], atol=1e-5)
     for slot in (0, 2, 3):  # earlier task, untrained task, no-task slot: bit-identical
-        assert torch.equal(bn.running_mean[slot], before[0][slot]) and torch.equal(bn.running_var[slot], before[1][slot])
+        assert (torch.equal(bn.running_mean[slot], before[0][slot])
+                and torch.equal(bn.running_var[slot], before[1][slot]))
     assert torch.equal(bn.running_mean[0], row0[0])
     refreshed = bn.running_mean.clone()
     with torch.no_grad(), hat.task(model, 1):  # once only

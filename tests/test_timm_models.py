@@ -9,7 +9,7 @@ import torch.nn.functional as F
 timm = pytest.importorskip("timm")  # the timm extra is installed by `make test`; a bare install skips here
 
 import hat  # noqa: E402
-import hat.timm_models  # noqa: E402, F401
+import hat.timm_models  # noqa: E402
 from hat import HATConfig, HATPayload  # noqa: E402
 from hat.modules import TaskIndexedLinear  # noqa: E402
 

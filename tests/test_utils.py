@@ -92,7 +92,8 @@ def masks(task: int, scale: float | None) -> tuple[list[float], list[float]]:
     return [m(e) for e in E1[task]], [m(e) for e in E2[task]]
 
 
-def by_hand(task: int, scale: float | None, strat: str, forgive: bool, used_by_others: tuple[list[int], list[int]]) -> float:
+def by_hand(task: int, scale: float | None, strat: str, forgive: bool,
+            used_by_others: tuple[list[int], list[int]]) -> float:
     used, free = [], []
     for a, units, taken in zip(masks(task, scale), UNITS, used_by_others):
         free_units = [i for i in range(units) if i not in taken]
@@ -201,7 +202,8 @@ def test_reg_term_default_arguments_are_hat_cl_s():
 
 
 def test_reg_term_without_masked_layers_is_zero():
-    reg = get_hat_reg_term(nn.Sequential(nn.Linear(2, 2), TaskIndexedLinear(NUM_TASKS, 2, 2)), task_id=0, mask_scale=1.0)
+    reg = get_hat_reg_term(nn.Sequential(nn.Linear(2, 2), TaskIndexedLinear(NUM_TASKS, 2, 2)),
+                           task_id=0, mask_scale=1.0)
     assert reg.dim() == 0 and reg.item() == 0.0
 
 

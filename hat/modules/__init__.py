@@ -17,7 +17,19 @@ from hat.modules.norm import (
 )
 
 __all__ = [
-    "HATLinear", "HATConv1d", "HATConv2d", "HATConv3d", "HATMultiheadAttention", "HATMasker", "FixedMask", "TaskIndexedLinear",
-    "TaskIndexedBatchNorm1d", "TaskIndexedBatchNorm2d", "TaskIndexedBatchNorm3d", "TaskIndexedSyncBatchNorm",
-    "TaskIndexedLayerNorm", "TaskIndexedLayerNorm2d", "TaskIndexedGroupNorm",
+    "FixedMask",
+    "HATConv1d",
+    "HATConv2d",
+    "HATConv3d",
+    "HATLinear",
+    "HATMasker",
+    "HATMultiheadAttention",
+    "TaskIndexedBatchNorm1d",
+    "TaskIndexedBatchNorm2d",
+    "TaskIndexedBatchNorm3d",
+    "TaskIndexedGroupNorm",
+    "TaskIndexedLayerNorm",
+    "TaskIndexedLayerNorm2d",
+    "TaskIndexedLinear",
+    "TaskIndexedSyncBatchNorm",
 ]

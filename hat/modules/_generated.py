@@ -104,5 +104,5 @@ def _remake(name: str) -> type:
     hat_cls = getattr(hat.modules, hat_name, None)
     base = _import(module, qualname)
     if not isinstance(hat_cls, type) or not isinstance(base, type):
-        raise AttributeError(name)  # noqa: TRY004 - what a module's __getattr__ raises
+        raise AttributeError(name)
     return derive(hat_cls, base)

@@ -114,7 +114,8 @@ class MaskedLayer(HATMasked):
         mask = None
         if task is not None and not self._hat_defer:
             if self.mask_dim != self._hat_default_mask_dim:
-                raise HATValueError(f"to_base_module: the mask of {type(self).__name__} is over dimension {self.mask_dim}, "
+                raise HATValueError(f"to_base_module: the mask of {type(self).__name__} "
+                                    f"is over dimension {self.mask_dim}, "
                                     "which cannot be folded into its weight")
             mask = (self.task_embedding.detach()[task] > 0).to(getattr(self, self._hat_weight_name).dtype)
         plain = self._hat_plain_copy(task)

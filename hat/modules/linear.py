@@ -94,7 +94,8 @@ class TaskIndexedLinear(TaskTracked, nn.Module):
         return F.linear(x, weight, bias)
 
     def extra_repr(self) -> str:
-        return f"num_tasks={self.num_tasks}, in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (f"num_tasks={self.num_tasks}, in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}")
 
     @classmethod
     def from_base_module(cls, base_module: nn.Module, hat_config: Any = None, num_tasks: Any = None,
@@ -102,7 +103,8 @@ class TaskIndexedLinear(TaskTracked, nn.Module):
         """One head per task (and the no-task slot), each a copy of ``base_module``'s weights."""
         n = _num_tasks_from(cls, hat_config, num_tasks)
         if not isinstance(base_module, nn.Linear):
-            raise HATTypeError(f"{cls.__name__}.from_base_module expects an nn.Linear; got {type(base_module).__name__}")
+            raise HATTypeError(f"{cls.__name__}.from_base_module expects an nn.Linear; "
+                               f"got {type(base_module).__name__}")
         w = base_module.weight
         new = cls(n, base_module.in_features, base_module.out_features, bias=base_module.bias is not None,
                   device=w.device, dtype=w.dtype)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
-
 import torch
+from torch import nn
 
 from hat import _trace
 from hat._checks import check_task_id
@@ -14,7 +13,7 @@ from hat._core import HATMasked, _check_config
 from hat.config import HATConfig
 from hat.payload import HATPayload, _along
 
-__all__ = ["HATMasker", "FixedMask"]
+__all__ = ["FixedMask", "HATMasker"]
 
 
 class HATMasker(HATMasked, nn.Module):

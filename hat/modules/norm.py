@@ -30,8 +30,13 @@ from hat.config import HATConfig
 from hat.payload import HATPayload, _along
 
 __all__ = [
-    "TaskIndexedBatchNorm1d", "TaskIndexedBatchNorm2d", "TaskIndexedBatchNorm3d", "TaskIndexedSyncBatchNorm",
-    "TaskIndexedLayerNorm", "TaskIndexedLayerNorm2d", "TaskIndexedGroupNorm",
+    "TaskIndexedBatchNorm1d",
+    "TaskIndexedBatchNorm2d",
+    "TaskIndexedBatchNorm3d",
+    "TaskIndexedGroupNorm",
+    "TaskIndexedLayerNorm",
+    "TaskIndexedLayerNorm2d",
+    "TaskIndexedSyncBatchNorm",
 ]
 
 # the children of timm's norm-act layers, applied in this order after the normalization
@@ -125,7 +130,8 @@ class _TaskIndexedNorm(TaskTracked, nn.Module):
             slot = self._hat_slot(task)
             x = input.data  # masked before the norm
             dim = self._hat_unit_dim(x.dim())
-            mask = input._unit_mask if task is not None and dim is not None and input._unit_dim % x.dim() == dim else None
+            mask = (input._unit_mask if task is not None and dim is not None and input._unit_dim % x.dim() == dim
+                    else None)
             y = self._hat_post_forward(self._normalize(x, slot, mask), mask)  # reports the slot to the probe
             return input._derive(y, mask=None, unit_mask=mask, unit_dim=-1 if dim is None else dim, src=input._src,
                                  repeat=input._repeat)
@@ -211,7 +217,7 @@ class _TaskIndexedNorm(TaskTracked, nn.Module):
             plain = self._hat_default_base()
         ref = next(iter(self.buffers()), None) if self.weight is None else self.weight
         with torch.no_grad():
-            for name in self._hat_row_params + ("running_mean", "running_var", "num_batches_tracked"):
+            for name in (*self._hat_row_params, "running_mean", "running_var", "num_batches_tracked"):
                 value = getattr(self, name, None)
                 if not isinstance(value, torch.Tensor):
                     if name in plain._parameters:
@@ -403,7 +409,8 @@ class _TaskIndexedBatchNorm(_TaskIndexedNorm):
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() not in self._expected_dims:
-            raise ValueError(f"{type(self).__name__} expects a {' or '.join(map(str, self._expected_dims))}-d input; got {x.dim()}-d")
+            raise ValueError(f"{type(self).__name__} expects a {' or '.join(map(str, self._expected_dims))}-d input; "
+                             f"got {x.dim()}-d")
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, input: Any) -> Any:
@@ -508,7 +515,8 @@ class _TaskIndexedBatchNorm(_TaskIndexedNorm):
         return F.batch_norm(x, running_mean, running_var, weight, bias, use_batch_stats, factor, self.eps)
 
     def extra_repr(self) -> str:
-        return (f"num_tasks={self.num_tasks}, num_features={self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+        return (f"num_tasks={self.num_tasks}, num_features={self.num_features}, eps={self.eps}, "
+                f"momentum={self.momentum}, "
                 f"affine={self.affine}, track_running_stats={self.track_running_stats}")
 
 
@@ -628,7 +636,8 @@ class TaskIndexedLayerNorm(_TaskIndexedNorm):
         return y if mask is None else y * mask
 
     def extra_repr(self) -> str:
-        return f"num_tasks={self.num_tasks}, {self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+        return (f"num_tasks={self.num_tasks}, {self.normalized_shape}, eps={self.eps}, "
+                f"elementwise_affine={self.elementwise_affine}")
 
 
 class TaskIndexedLayerNorm2d(TaskIndexedLayerNorm):

@@ -13,7 +13,8 @@ from __future__ import annotations
 try:
     import timm  # noqa: F401
 except (ImportError, RuntimeError) as err:  # timm under a torch it does not support raises RuntimeError
-    raise ImportError(f"hat.timm_models needs timm 1.x with a torch it supports (pip install 'hat-cl[timm]'): {err}") from err
+    raise ImportError("hat.timm_models needs timm 1.x with a torch it supports "
+                      f"(pip install 'hat-cl[timm]'): {err}") from err
 
 from hat.timm_models import hat_resnet, hat_vision_transformer
 from hat.timm_models._common import HATTimmModel

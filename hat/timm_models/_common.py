@@ -17,7 +17,8 @@ from hat.payload import HATPayload
 
 def require_config(name: str, hat_config: Any) -> Any:
     if hat_config is None:
-        raise HATTypeError(f"{name} needs a hat_config: timm.create_model({name!r}, hat_config=hat.HATConfig(num_tasks=...), "
+        raise HATTypeError(f"{name} needs a hat_config: timm.create_model({name!r}, "
+                           "hat_config=hat.HATConfig(num_tasks=...), "
                            "...)")
     return _check_config(hat_config)
 
@@ -60,7 +61,8 @@ class HATTimmModel:
 
     def reset_classifier(self, num_classes: int, *args: Any, **kwargs: Any) -> None:
         super().reset_classifier(num_classes, *args, **kwargs)  # type: ignore[misc]
-        name = self.pretrained_cfg.get("classifier") if isinstance(getattr(self, "pretrained_cfg", None), dict) else None
+        name = (self.pretrained_cfg.get("classifier") if isinstance(getattr(self, "pretrained_cfg", None), dict)
+                else None)
         head = self.get_submodule(name) if name else None  # type: ignore[attr-defined]
         if type(head) is nn.Linear:
             parent, _, attr = name.rpartition(".")
@@ -83,7 +85,8 @@ def key_check(name: str, allowed_missing: tuple[str, ...] = ()) -> Any:
 
     def check(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
         own = model.state_dict()
-        classifier = model.pretrained_cfg.get("classifier", "") if isinstance(getattr(model, "pretrained_cfg", None), dict) else ""
+        classifier = (model.pretrained_cfg.get("classifier", "")
+                      if isinstance(getattr(model, "pretrained_cfg", None), dict) else "")
         heads = (classifier,) if isinstance(classifier, str) else tuple(classifier)
         is_head = lambda k: any(h and k.startswith(h + ".") for h in heads)  # noqa: E731
         missing = [k for k in own if k not in state_dict and not k.endswith(allowed_missing)]

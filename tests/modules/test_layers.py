@@ -344,7 +344,8 @@ def test_batchnorm_eval_uses_the_running_stats_of_the_task():
     v = lambda r: r.view(1, -1, 1, 1)  # noqa: E731
     for task, slot in [(0, 0), (2, 2), (None, NUM_TASKS)]:
         out = bn(HATPayload(x, task_id=task)).data
-        want = (x - v(bn.running_mean[slot])) / torch.sqrt(v(bn.running_var[slot]) + bn.eps) * v(bn.weight[slot]) + v(bn.bias[slot])
+        want = ((x - v(bn.running_mean[slot])) / torch.sqrt(v(bn.running_var[slot]) + bn.eps) * v(bn.weight[slot])
+                + v(bn.bias[slot]))
         torch.testing.assert_close(out, want)
     _assert_same_state(before, bn)  # eval does not touch the statistics
 

@@ -26,6 +26,7 @@ from hat._checks import check_mask_scale, check_task_id
 from hat._core import TaskTracked, _check_config, task_modules
 from hat._errors import HATTypeError, HATValueError
 from hat._mapping import DEFAULT_MAPPING, default_mapping
+from hat._selection import check_selection
 from hat._task_params import candidates
 from hat.config import HATConfig
 from hat.modules import TaskIndexedLinear
@@ -61,13 +62,18 @@ def set_task(model: nn.Module, task_id: Any, mask_scale: Any = None) -> None:
     """Select ``task_id`` (None: no task, the plain network) and the mask scale (None: the hard
     mask, for evaluation) for every HAT layer of ``model``.
 
+    ``task_id`` may also be a 1-D integer tensor with one task id per sample of the next batches
+    (``hat._selection``): each sample is computed as its task alone would be, and training such
+    a batch trains every task present (eager mode; compiled forwards take one task).
+
     Training needs a scale: anneal it per batch (``hat.utils.get_hat_mask_scale``) and call
     ``set_task`` again; the values go into 0-d tensors, so a compiled model does not recompile.
     """
     _check_module(model, "set_task")
     modules = _modules_for(model, "set_task")
     # check everything before writing anything
-    checked = {m.num_tasks: check_task_id(task_id, m.num_tasks) for m in modules}
+    selection = check_selection(task_id, None)
+    checked = {m.num_tasks: check_selection(selection, m.num_tasks) for m in modules}
     scale = check_mask_scale(mask_scale)
     for m in modules:
         m._hat_select(checked[m.num_tasks], scale)

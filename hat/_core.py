@@ -23,6 +23,7 @@ from torch import nn
 from hat import _units
 from hat._checks import check_task_id
 from hat._errors import HATTypeError, HATValueError
+from hat._selection import PerSample, check_selection, is_per_sample
 from hat.config import HATConfig
 from hat.payload import UNKNOWN, HATPayload
 
@@ -330,9 +331,9 @@ class _Probe(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
-        if ctx.slot is None:
+        if ctx.slot is None:  # a 0-d slot (compiled code) or per-sample ids: every task present
             (slot,) = ctx.saved_tensors
-            hot = (torch.arange(ctx.n, device=grad.device) == slot).to(ctx.dtype)
+            hot = torch.zeros(ctx.n, dtype=ctx.dtype, device=grad.device).index_fill_(0, slot.view(-1), 1)
         else:
             hot = _one_hot(ctx.n, ctx.slot, ctx.dtype, grad.device)
         return grad, hot, None
@@ -494,7 +495,7 @@ class TaskTracked:
 
     def _hat_begin(self, payload: HATPayload) -> tuple[int | None, float | None]:
         """Validate a payload for this layer; nothing is written before this returns."""
-        task = check_task_id(payload.task_id, self.num_tasks)
+        task = check_selection(payload._selection, self.num_tasks)
         self._hat_check_scale(task, payload.mask_scale, "pass HATPayload(..., mask_scale=...)")
         return task, payload.mask_scale
 
@@ -507,9 +508,10 @@ class TaskTracked:
                 "torch.no_grad()"
             )
 
-    def _hat_select(self, task: int | None, scale: float | None) -> None:
-        """Write a checked selection into the task buffers (in place) and their Python mirror."""
-        self.hat_task.fill_(self.num_tasks if task is None else task)
+    def _hat_select(self, task: int | PerSample | None, scale: float | None) -> None:
+        """Write a checked selection into the task buffers (in place) and their Python mirror
+        (per-sample ids: the mirror only; compiled forwards take one task)."""
+        self.hat_task.fill_(self.num_tasks if task is None or is_per_sample(task) else task)
         self.hat_scale.fill_(0.0 if scale is None else scale)
         self.__dict__["_hat_state"] = (task, scale)
 
@@ -713,8 +715,29 @@ class HATMasked(TaskTracked):
         task, scale = self._hat_selected()
         if task is None:
             return None
+        if is_per_sample(task):
+            return self._hat_sample_masks(task, scale, mark)
+        return self._hat_task_mask(task, scale, mark)
+
+    def _hat_task_mask(self, task: int, scale: float | None, mark: bool = False) -> torch.Tensor:
+        """The mask of ``task`` at ``scale`` (None: hard); ``mark``: it reports the task to the probe."""
         mask, marked = self._hat_mask_marked(task, scale, mark)
         return self._hat_mark(mask, task) if mark and not marked else mask
+
+    def _hat_sample_masks(self, selection: PerSample, scale: float | None, mark: bool = False) -> torch.Tensor:
+        """Each sample's mask, ``[batch, units]``: ``gate(s * E[ids])`` with HAT's compensated
+        gradient (hard: ``E[ids] > 0``); ``mark``: every task present is reported to the probe."""
+        e = self.task_embedding.index_select(0, selection.ids.to(self.task_embedding.device))
+        cfg = self.hat_config
+        if scale is None:
+            mask = (e > 0).to(e.dtype)
+        elif not (e.requires_grad and torch.is_grad_enabled()):
+            mask = _flush(cfg.gate(scale * e))
+        elif cfg.gate is torch.sigmoid:
+            mask = _CompensatedSigmoid.apply(e, scale, cfg.grad_comp_factor, cfg.grad_comp_clamp)
+        else:
+            mask = self._hat_generic_gate(e, scale)
+        return self._hat_mark(mask, selection.ids.to(e.device)) if mark else mask
 
     def used_units(self, tasks: torch.Tensor) -> torch.Tensor:
         """Units whose hard mask is on for any of ``tasks`` (bool ``[num_tasks]``): the binary
@@ -768,6 +791,10 @@ class HATMasked(TaskTracked):
         if task is None:
             y = self._hat_mark(y, self.num_tasks)
             return payload._derive(y, mask=None, unit_mask=None, unit_dim=-1, src=None)
+        if is_per_sample(task):
+            y = self._hat_mark(y, task.ids.to(y.device))
+            mask = self._hat_sample_masks(task, scale)
+            return payload._derive(y, mask=mask, unit_mask=mask, unit_dim=self.mask_dim, src=self)
         mask, marked = self._hat_mask_marked(task, scale, True)
         if not marked:
             y = self._hat_mark(y, task)

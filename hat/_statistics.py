@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from hat._selection import check_selection, is_per_sample
 from hat.payload import HATPayload
 
 __all__ = ["before_call"]
@@ -45,13 +46,15 @@ class _Batch(NamedTuple):
     kwargs: dict
     size: int  # samples (dimension 0 of the first tensor)
     nbytes: int
+    ids: torch.Tensor | None  # the per-sample ids selected with set_task (payloads carry their own)
 
 
 @dataclass
 class _Pending:
-    """The latest training batches of the task being trained (their inputs, cloned)."""
+    """The latest training batches of the task (or tasks, with per-sample ids) being trained
+    (their inputs, cloned). ``key``: the task, or the tasks present."""
 
-    task: int
+    key: Any
     batches: deque[_Batch] = field(default_factory=deque)
 
     def add(self, batch: _Batch) -> None:
@@ -61,14 +64,14 @@ class _Pending:
                 or sum(b.nbytes for b in self.batches) > KEEP_BYTES):
             self.batches.popleft()
 
-    def call(self) -> tuple[tuple, dict]:
-        """One call over every kept batch, concatenated along dimension 0; the latest batch alone
-        where the calls differ other than in their batch tensors."""
+    def call(self) -> tuple[tuple, dict, torch.Tensor | None]:
+        """One call over every kept batch, concatenated along dimension 0 (with their per-sample
+        ids); the latest batch alone where the calls differ other than in their batch tensors."""
         latest = self.batches[-1]
         flats = [tree_flatten((b.args, b.kwargs)) for b in self.batches]
         spec = flats[-1][1]
         if len(flats) == 1 or any(f[1] != spec for f in flats):
-            return latest.args, latest.kwargs
+            return latest.args, latest.kwargs, latest.ids
         leaves = []
         for i, leaf in enumerate(flats[-1][0]):
             column = [_data(f[0][i]) for f in flats]
@@ -77,12 +80,18 @@ class _Pending:
                     isinstance(c, torch.Tensor) and c.shape[0] == b.size and c.shape[1:] == data.shape[1:]
                     for c, b in zip(column, self.batches)):
                 joined = torch.cat(column)
-                leaves.append(HATPayload(joined, task_id=leaf.task_id) if isinstance(leaf, HATPayload) else joined)
+                if isinstance(leaf, HATPayload):
+                    task_ids = [f[0][i].task_id for f in flats]
+                    ids = torch.cat(task_ids) if isinstance(leaf.task_id, torch.Tensor) else leaf.task_id
+                    joined = HATPayload(joined, task_id=ids)
+                leaves.append(joined)
             elif all(c is leaf or (not isinstance(c, torch.Tensor) and c == leaf) for c in column):
                 leaves.append(leaf)
             else:
-                return latest.args, latest.kwargs
-        return tree_unflatten(leaves, spec)
+                return latest.args, latest.kwargs, latest.ids
+        ids = None if latest.ids is None else torch.cat([b.ids for b in self.batches])
+        args, kwargs = tree_unflatten(leaves, spec)
+        return args, kwargs, ids
 
 
 def _norms(root: nn.Module) -> list[nn.Module]:
@@ -95,13 +104,18 @@ def _norms(root: nn.Module) -> list[nn.Module]:
     return [m for m in norms if m.refresh_at_task_end]
 
 
-def _selected(args: tuple, kwargs: dict, norms: list[nn.Module]) -> int | None:
-    """The task this call runs: a payload's (models that take payloads at their root select it
-    in their forward), else the one selected with ``hat.set_task``."""
+def _selected(args: tuple, kwargs: dict, norms: list[nn.Module]) -> Any:
+    """The task (int, None or per-sample ids) this call runs: a payload's (models that take
+    payloads at their root select it in their forward), else the one selected with ``hat.set_task``."""
     for a in tree_flatten((args, kwargs))[0]:
         if isinstance(a, HATPayload):
-            return a.task_id
+            return a._selection
     return norms[0]._hat_state[0]
+
+
+def _key(task: Any) -> Any:
+    """What a task's training is recognized by: the task, or the tasks present."""
+    return task.tasks if is_per_sample(task) else task
 
 
 def _keep(a: Any) -> Any:
@@ -125,7 +139,7 @@ def before_call(root: nn.Module, args: tuple, kwargs: dict) -> None:
     task = _selected(args, kwargs, norms)
     training = root.training and torch.is_grad_enabled() and task is not None
     pending = root.__dict__.get("_hat_stats_pending")
-    if pending is not None and not (training and task == pending.task):
+    if pending is not None and not (training and _key(task) == pending.key):
         del root.__dict__["_hat_stats_pending"]
         _refresh(root, norms, pending)
     if training:
@@ -133,10 +147,12 @@ def before_call(root: nn.Module, args: tuple, kwargs: dict) -> None:
         tensors = [_data(a) for a in tree_flatten((kept_args, kept_kwargs))[0] if isinstance(_data(a), torch.Tensor)]
         if not tensors or tensors[0].dim() == 0:
             return
-        batch = _Batch(kept_args, kept_kwargs, tensors[0].shape[0], sum(t.nbytes for t in tensors))
+        payload_ids = any(isinstance(a, HATPayload) for a in tree_flatten((args, kwargs))[0])
+        ids = task.ids.clone() if is_per_sample(task) and not payload_ids else None
+        batch = _Batch(kept_args, kept_kwargs, tensors[0].shape[0], sum(t.nbytes for t in tensors), ids)
         pending = root.__dict__.get("_hat_stats_pending")
         if pending is None:
-            pending = root.__dict__["_hat_stats_pending"] = _Pending(task)
+            pending = root.__dict__["_hat_stats_pending"] = _Pending(_key(task))
         pending.add(batch)
 
 
@@ -155,23 +171,29 @@ def _refresh(root: nn.Module, norms: list[nn.Module], pending: _Pending) -> None
     selections = [(m, m._hat_state) for m in modules]
     flags = [(m, m.training) for m in root.modules()]
     devices = sorted({p.device.index or 0 for p in root.parameters() if p.device.type == "cuda"})
+    tasks = pending.key if isinstance(pending.key, tuple) else (pending.key,)
     _REFRESHING[0] = True
     try:
+        args, kwargs, ids = pending.call()
         for m in norms:
-            m._hat_near_hard.pop(m._hat_slot(pending.task), None)  # the next batch replaces the row
-        for m in modules:
-            m._hat_select(pending.task if pending.task < m.num_tasks else None, None)  # hard masks
+            for t in tasks:
+                m._hat_near_hard.pop(m._hat_slot(t), None)  # the next batch replaces the row
+        for m in modules:  # hard masks; per-sample ids kept with the batches (payloads carry theirs)
+            if ids is not None:
+                m._hat_select(check_selection(ids, m.num_tasks), None)
+            elif not isinstance(pending.key, tuple):
+                m._hat_select(pending.key if pending.key < m.num_tasks else None, None)
         root.train()
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            args, kwargs = pending.call()
             root(*args, **kwargs)
     except Exception as err:  # noqa: BLE001 - the call the user made must still run
-        warnings.warn(f"hat: the BatchNorm statistics of task {pending.task} could not be refreshed with its final "
+        warnings.warn(f"hat: the BatchNorm statistics of task(s) {list(tasks)} could not be refreshed with their final "
                       f"weights ({type(err).__name__}: {err}); they stay as training left them", stacklevel=4)
     finally:
         _REFRESHING[0] = False
         for m in norms:
-            m._hat_near_hard.pop(m._hat_slot(pending.task), None)  # later training starts the row anew
+            for t in tasks:
+                m._hat_near_hard.pop(m._hat_slot(t), None)  # later training starts the row anew
         for m, flag in flags:
             m.training = flag
         for m, (t, s) in selections:

@@ -20,6 +20,8 @@ from torch import nn
 
 from hat._checks import check_task_id
 from hat._core import TaskTracked, rows
+from hat._errors import HATTypeError
+from hat._selection import is_per_sample
 
 __all__ = ["MAX_ENTRIES", "TaskParameters", "candidates"]
 
@@ -36,8 +38,17 @@ class TaskParameters(TaskTracked):
         p = self._parameters.get(name)
         if p is None:
             return None
-        slot: Any = self.hat_task if torch.compiler.is_compiling() else self._hat_slot(self._hat_state[0])
-        return rows(self, slot, p)[0]  # reports the slot to the probe: protection learns the task trained here
+        if torch.compiler.is_compiling():
+            return rows(self, self.hat_task, p)[0]
+        task = self._hat_state[0]
+        if is_per_sample(task):  # a token [1, ...] per sample: [batch, ...]
+            if p.shape[1] != 1:
+                raise HATTypeError(
+                    f"per-sample task ids: {type(self).__name__}.{name} of shape {tuple(p.shape[1:])} is per task but "
+                    "not a token (a leading dimension of 1) that can be taken per sample; select one task at a time")
+            ids = task.ids.to(p.device)
+            return self._hat_mark(p.index_select(0, ids).flatten(0, 1), ids)
+        return rows(self, self._hat_slot(task), p)[0]  # reports the slot to the probe: the task trained here
 
     def to_base_module(self, task_id: Any = None, **kwargs: Any) -> nn.Module:
         """This module, of the class it had before conversion, with ``task_id``'s rows (None: the

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from hat._checks import check_mask_scale, check_task_id
+from hat._checks import check_mask_scale
+from hat._selection import check_selection, is_per_sample
 
 __all__ = ["HATPayload"]
 
@@ -44,7 +45,8 @@ class HATPayload:
     Args:
         data: the tensor.
         task_id: the task (an int in ``[0, num_tasks)``), or None for "no task": no masking
-            at all (the plain network), and task-indexed norms use a slot of their own.
+            at all (the plain network), and task-indexed norms use a slot of their own; or a 1-D
+            integer tensor with one task id per sample (``hat._selection``).
         mask_scale: the scale ``s`` of the soft mask ``sigmoid(s * e)`` for training, or None
             for the hard (binary) mask used in evaluation.
 
@@ -54,12 +56,15 @@ class HATPayload:
         y = out.forward_by(nn.ReLU()).data
     """
 
-    __slots__ = ("_data", "_mask", "_raw", "_repeat", "_src", "_unit_dim", "_unit_mask", "mask_scale", "task_id")
+    __slots__ = ("_data", "_mask", "_raw", "_repeat", "_selection", "_src", "_unit_dim", "_unit_mask", "mask_scale",
+                 "task_id")
 
     def __init__(self, data: torch.Tensor, task_id: Any = None, mask_scale: Any = None) -> None:
         if not isinstance(data, torch.Tensor):
             raise TypeError(f"data must be a torch.Tensor; got {type(data).__name__}")
-        self.task_id: int | None = check_task_id(task_id, None)
+        self._selection = check_selection(task_id, None, batch=data.shape[0] if data.dim() else None)
+        # the user's value: an int, None, or the per-sample ids
+        self.task_id: Any = self._selection.ids if is_per_sample(self._selection) else self._selection
         self.mask_scale: float | None = check_mask_scale(mask_scale)
         self._raw = data
         self._data: torch.Tensor | None = data
@@ -74,6 +79,7 @@ class HATPayload:
                 unit_dim: int, src: Any, repeat: int = 1) -> HATPayload:
         out = HATPayload.__new__(HATPayload)
         out.task_id = self.task_id
+        out._selection = self._selection
         out.mask_scale = self.mask_scale
         out._raw = raw
         out._data = raw if mask is None else None
@@ -119,7 +125,7 @@ class HATPayload:
                 and module.end_dim % x.dim() == x.dim() - 1):
             # channel-major flatten: every unit repeats over the flattened positions
             per_unit = math.prod(x.shape[d + 1:])
-            return self._derive(y, mask=None, unit_mask=unit_mask.repeat_interleave(per_unit), unit_dim=d,
+            return self._derive(y, mask=None, unit_mask=unit_mask.repeat_interleave(per_unit, dim=-1), unit_dim=d,
                                 src=src, repeat=self._repeat * per_unit)
         return self._derive(y, mask=None, unit_mask=None, unit_dim=-1, src=UNKNOWN)
 
@@ -129,8 +135,11 @@ class HATPayload:
 
 
 def _along(mask: torch.Tensor, dim: int, ndim: int) -> torch.Tensor:
-    """View a unit mask so that it broadcasts along ``dim`` of an ``ndim``-d tensor."""
+    """View a unit mask (``[units]``, or ``[batch, units]`` per sample) so that it broadcasts along
+    ``dim`` of an ``ndim``-d tensor (whose dimension 0 is the batch)."""
     d = dim % ndim
+    if mask.dim() == 2:
+        return mask.view(mask.shape[0], *([1] * (d - 1)), mask.shape[1], *([1] * (ndim - d - 1)))
     if d == ndim - 1:
         return mask
     return mask.view(mask.shape[0], *([1] * (ndim - d - 1)))

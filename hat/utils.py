@@ -16,6 +16,7 @@ from torch import nn
 from hat._checks import check_mask_scale, check_positive, check_task_id
 from hat._core import HATMasked, _group_of
 from hat._errors import HATTypeError, HATValueError
+from hat._selection import check_selection, is_per_sample
 
 __all__ = [
     "RegStrategy",
@@ -49,14 +50,22 @@ def get_hat_reg_term(module: nn.Module, strat: RegStrategy = "uniform", task_id:
       once; ``forgive_quota`` does not apply.
 
     Add ``c * reg`` to the loss (paper: c = 0.75). Returns a 0-d tensor (0 without masked layers).
+    With per-sample ids (a 1-D tensor, or a batch's ``HATPayload.task_id``): the mean of the term
+    over the tasks present.
     """
     if strat not in _REG_STRATS:
         raise HATValueError(f"strat must be one of {_REG_STRATS}; got {strat!r}")
     layers = [m for m in module.modules() if isinstance(m, HATMasked)]
     if not layers:
         return torch.zeros(())
-    task = check_task_id(task_id, layers[0].num_tasks, allow_none=False)
+    if task_id is None:
+        check_task_id(task_id, layers[0].num_tasks, allow_none=False)  # the error a task must be given
+    selection = check_selection(task_id, layers[0].num_tasks)
     scale = check_mask_scale(mask_scale)
+    if is_per_sample(selection):
+        terms = [get_hat_reg_term(module, strat, t, scale, forgive_quota) for t in selection.tasks]
+        return torch.stack(terms).mean()
+    task = selection
     per_layer = _reg_from_forward(layers, task, scale)
     if per_layer is None:  # each layer on its own
         used_terms, free_terms = [], []

@@ -11,6 +11,7 @@ from hat import _trace
 from hat._checks import check_task_id
 from hat._core import HATMasked, _check_config, shallow_clone
 from hat._errors import HATTypeError, HATValueError
+from hat._selection import is_per_sample
 from hat.payload import HATPayload, _along
 
 
@@ -56,6 +57,9 @@ class MaskedLayer(HATMasked):
             return self._hat_mark(y, self.num_tasks)
         if self._hat_defer:  # the task-indexed BatchNorm right after applies the mask, and marks the probe
             return y
+        if is_per_sample(task):  # the layer ran once on the batch; each sample gets its task's mask
+            y = self._hat_mark(y, task.ids.to(y.device))
+            return y * _along(self._hat_sample_masks(task, scale), self.mask_dim, y.dim())
         mask, marked = self._hat_mask_marked(task, scale, True)
         if not marked:
             y = self._hat_mark(y, task)

@@ -10,6 +10,7 @@ from torch import nn
 
 from hat import _trace, _units
 from hat._errors import HATTypeError
+from hat._selection import is_per_sample
 from hat.modules._masked import MaskedLayer
 from hat.modules.linear import HATLinear
 from hat.payload import HATPayload
@@ -76,6 +77,10 @@ class HATMultiheadAttention(MaskedLayer, nn.MultiheadAttention):
             self._hat_record_link(query)
             k = key.data if isinstance(key, HATPayload) else key
             v = value.data if isinstance(value, HATPayload) else value
+            if is_per_sample(task):
+                out, weights = self._attend_per_task(query.data, k, v, task, scale, **kwargs)
+                unit_mask = self.out_proj._hat_sample_masks(task, scale)
+                return query._derive(out, mask=None, unit_mask=unit_mask, unit_dim=-1, src=self.out_proj), weights
             masks = (None, None) if task is None else (_marked(self, task, scale), _marked(self.out_proj, task, scale))
             out, weights = self._attend(query.data, k, v, *masks, **kwargs)
             return query._derive(out, mask=None, unit_mask=masks[1], unit_dim=-1, src=self.out_proj), weights
@@ -89,11 +94,43 @@ class HATMultiheadAttention(MaskedLayer, nn.MultiheadAttention):
 
     def _hat_forward_tensor(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not torch.compiler.is_compiling():
+            task, scale = self._hat_selected()
+            if is_per_sample(task):
+                return self._attend_per_task(query, key, value, task, scale, **kwargs)
         in_mask = self._hat_current_mask(mark=True)
         out, weights = self._attend(query, key, value, in_mask, self.out_proj._hat_current_mask(mark=True), **kwargs)
         if in_mask is None and not torch.compiler.is_compiling():  # no task: report the no-task slot
             out = self.out_proj._hat_mark(self._hat_mark(out, self.num_tasks), self.num_tasks)
         return out, weights
+
+    def _attend_per_task(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, task: Any,
+                         scale: float | None, key_padding_mask: torch.Tensor | None = None,
+                         attn_mask: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        """Per-sample ids: each task's samples attend with that task's masks folded in."""
+        if attn_mask is not None and attn_mask.dim() == 3:
+            raise HATTypeError("HATMultiheadAttention with per-sample task ids takes a 2-D attn_mask (or none)")
+        if query.dim() != 3:
+            raise HATTypeError("HATMultiheadAttention with per-sample task ids needs batched inputs (3-d)")
+        batch = 0 if self.batch_first else 1
+        outs = []
+        for t, index in task.groups(query.device):
+            pick = [x.index_select(batch, index) for x in (query, key, value)]
+            padding = None if key_padding_mask is None else key_padding_mask.index_select(0, index)
+            out, w = self._attend(*pick, _marked(self, t, scale), _marked(self.out_proj, t, scale),
+                                  key_padding_mask=padding, attn_mask=attn_mask, **kwargs)
+            outs.append((index, out, w))
+        shape = list(outs[0][1].shape)
+        shape[batch] = query.shape[batch]
+        out = outs[0][1].new_empty(shape)
+        for index, o, _ in outs:
+            out.index_copy_(batch, index, o)
+        if outs[0][2] is None:
+            return out, None
+        w_all = outs[0][2].new_empty((query.shape[batch], *outs[0][2].shape[1:]))
+        for index, _, w in outs:
+            w_all.index_copy_(0, index, w)
+        return out, w_all
 
     def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, in_mask: torch.Tensor | None,
                 out_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:

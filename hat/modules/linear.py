@@ -13,6 +13,7 @@ from hat import _trace
 from hat._checks import check_task_id
 from hat._core import TaskTracked, _check_config, rows
 from hat._errors import HATTypeError
+from hat._selection import grouped, is_per_sample
 from hat.config import HATConfig
 from hat.modules._masked import MaskedLayer
 from hat.payload import HATPayload
@@ -77,8 +78,7 @@ class TaskIndexedLinear(TaskTracked, nn.Module):
     def forward(self, input: Any) -> Any:
         if isinstance(input, HATPayload):
             task, _ = self._hat_begin(input)
-            slot = self._hat_slot(task)
-            y = self._head(input.data, slot)  # reports the slot to the probe
+            y = self._heads(input.data, task)  # reports the slots to the probe
             return input._derive(y, mask=None, unit_mask=None, unit_dim=-1, src=None)
         rec = _trace.active()
         if rec is not None:
@@ -86,8 +86,15 @@ class TaskIndexedLinear(TaskTracked, nn.Module):
         return self._hat_forward_tensor(input)
 
     def _hat_forward_tensor(self, x: torch.Tensor) -> torch.Tensor:
-        slot = self.hat_task if torch.compiler.is_compiling() else self._hat_slot(self._hat_state[0])
-        return self._head(x, slot)
+        if torch.compiler.is_compiling():
+            return self._head(x, self.hat_task)
+        return self._heads(x, self._hat_state[0])
+
+    def _heads(self, x: torch.Tensor, task: Any) -> torch.Tensor:
+        """The head of ``task`` (None: the no-task head; per-sample ids: each sample its task's)."""
+        if is_per_sample(task):
+            return grouped(x, task, self._head)
+        return self._head(x, self._hat_slot(task))
 
     def _head(self, x: torch.Tensor, slot: Any) -> torch.Tensor:
         weight, bias = rows(self, slot, self.weight, self.bias)

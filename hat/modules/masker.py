@@ -10,6 +10,7 @@ from torch import nn
 from hat import _trace
 from hat._checks import check_task_id
 from hat._core import HATMasked, _check_config
+from hat._selection import is_per_sample
 from hat.config import HATConfig
 from hat.payload import HATPayload, _along
 
@@ -52,6 +53,9 @@ class HATMasker(HATMasked, nn.Module):
         task, scale = self._hat_selected()
         if task is None:  # no task: nothing here trains, the input passes untouched
             return x
+        if is_per_sample(task):
+            x = self._hat_mark(x, task.ids.to(x.device))
+            return x * _along(self._hat_sample_masks(task, scale), self.mask_dim, x.dim())
         mask, marked = self._hat_mask_marked(task, scale, True)
         return (x if marked else self._hat_mark(x, task)) * _along(mask, self.mask_dim, x.dim())
 

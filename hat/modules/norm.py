@@ -26,6 +26,7 @@ from hat import _trace
 from hat._checks import check_task_id
 from hat._core import HATMasked, TaskTracked, _row, forward_deviation, plain_children, rows, shallow_clone
 from hat._errors import HATTypeError, HATValueError
+from hat._selection import grouped, is_per_sample
 from hat.config import HATConfig
 from hat.payload import HATPayload, _along
 
@@ -82,15 +83,17 @@ class _TaskIndexedNorm(TaskTracked, nn.Module):
         gather = None if unit_map.identity_of() is not None else unit_map.gather_index().to(self.hat_trained.device)
         self.register_buffer("hat_unit_gather", gather, persistent=False)
 
-    def _hat_map_mask(self, mark: bool = False, task: int | None = None) -> torch.Tensor | None:
-        """The current mask of the traced input units (``task``: that task's hard mask instead)."""
+    def _hat_map_mask(self, mark: bool = False, task: int | None = None, scale: float | None = None,
+                      ) -> torch.Tensor | None:
+        """The current mask of the traced input units; with ``task``, that task's mask at ``scale``
+        (None: hard). ``mark``: the sources report the task to their probes."""
         unit_map = self._hat_unit_map
         if unit_map is None:
             return None
         if task is None:
             masks = [s._hat_current_mask(mark) for s in unit_map.sources]
         else:
-            masks = [s._hat_mask(task, None) for s in unit_map.sources]
+            masks = [s._hat_task_mask(task, scale, mark) for s in unit_map.sources]
         if self.hat_unit_gather is None:
             return masks[0]
         ref = masks[0]
@@ -126,13 +129,18 @@ class _TaskIndexedNorm(TaskTracked, nn.Module):
         task does not use at exact 0, so later tasks cannot move its statistics, and the mask is
         applied again after the norm. BatchNorm overrides this."""
         if isinstance(input, HATPayload):
-            task, _ = self._hat_begin(input)
-            slot = self._hat_slot(task)
+            task, scale = self._hat_begin(input)
             x = input.data  # masked before the norm
             dim = self._hat_unit_dim(x.dim())
-            mask = (input._unit_mask if task is not None and dim is not None and input._unit_dim % x.dim() == dim
-                    else None)
-            y = self._hat_post_forward(self._normalize(x, slot, mask), mask)  # reports the slot to the probe
+            known = task is not None and dim is not None and input._unit_dim % x.dim() == dim
+            mask = input._unit_mask if known else None
+            if is_per_sample(task):  # each task's samples with its rows and its mask
+                def one(xs: torch.Tensor, t: int) -> torch.Tensor:
+                    m = input._src._hat_task_mask(t, scale) if known else None
+                    return self._hat_post_forward(self._normalize(xs, t, m), m)
+                y = grouped(x, task, one)
+            else:
+                y = self._hat_post_forward(self._normalize(x, self._hat_slot(task), mask), mask)  # reports the slot
             return input._derive(y, mask=None, unit_mask=mask, unit_dim=-1 if dim is None else dim, src=input._src,
                                  repeat=input._repeat)
         rec = _trace.active()
@@ -147,7 +155,12 @@ class _TaskIndexedNorm(TaskTracked, nn.Module):
             slot: Any = self.hat_task
             mask = self._hat_map_mask()
         else:
-            task, _ = self._hat_state
+            task, scale = self._hat_state
+            if is_per_sample(task):
+                def one(xs: torch.Tensor, t: int) -> torch.Tensor:
+                    m = self._hat_map_mask(task=t, scale=scale)
+                    return self._hat_post_forward(self._normalize(xs, t, m), m)
+                return grouped(x, task, one)
             slot = self._hat_slot(task)
             mask = None if task is None else self._hat_map_mask()
         return self._hat_post_forward(self._normalize(x, slot, mask), mask)
@@ -416,8 +429,10 @@ class _TaskIndexedBatchNorm(_TaskIndexedNorm):
     def forward(self, input: Any) -> Any:
         if isinstance(input, HATPayload):
             task, scale = self._hat_begin(input)
-            slot = self._hat_slot(task)
             known = input._unit_mask is not None and input._unit_dim % input._raw.dim() == 1
+            if is_per_sample(task):
+                return self._hat_payload_per_sample(input, task, scale, known)
+            slot = self._hat_slot(task)
             mask = input._unit_mask if known and task is not None else None
             # a pending mask need not be applied first: folded into the affine, it acts after BN;
             # the layer that made it has reported the task already, through the mask or its output
@@ -440,6 +455,14 @@ class _TaskIndexedBatchNorm(_TaskIndexedNorm):
             mask = self._hat_map_mask()
             return self._hat_post_forward(self._normalize_compiled(x, self.hat_task, mask), mask)
         task, scale = self._hat_state
+        if is_per_sample(task):  # each task's samples: its rows, its statistics, its mask
+            source = self._hat_unit_map.sources[0] if self._hat_unit_map is not None else None
+
+            def one(xs: torch.Tensor, t: int) -> torch.Tensor:
+                m = self._hat_map_mask(mark=True, task=t, scale=scale)
+                y = self._normalize(xs, t, m, mark=m is None, deviation=self._forward_deviation(t, scale, source))
+                return self._hat_post_forward(y, m)
+            return grouped(x, task, one)
         slot = self._hat_slot(task)
         unit_map = self._hat_unit_map
         if task is None or unit_map is None:
@@ -451,6 +474,21 @@ class _TaskIndexedBatchNorm(_TaskIndexedNorm):
         y = self._normalize(x, slot, mask, mark=False,
                             deviation=self._forward_deviation(task, scale, sources[0] if sources else None))
         return self._hat_post_forward(y, mask)
+
+    def _hat_payload_per_sample(self, input: HATPayload, task: Any, scale: float | None, known: bool) -> HATPayload:
+        """A payload with per-sample ids: each task's samples normalized with its rows and
+        statistics, the mask of the layer before folded as for that task alone."""
+        folded = known and input._mask is not None
+        x = input._raw if folded else input.data
+
+        def one(xs: torch.Tensor, t: int) -> torch.Tensor:
+            m = input._src._hat_task_mask(t, scale) if known else None
+            y = self._normalize(xs, t, m, mark=not folded, deviation=self._forward_deviation(t, scale, input._src))
+            return self._hat_post_forward(y, m)
+
+        y = grouped(x, task, one)
+        return input._derive(y, mask=None, unit_mask=input._unit_mask if known else None, unit_dim=1,
+                             src=input._src, repeat=input._repeat)
 
     def _normalize_compiled(self, x: torch.Tensor, slot: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """``_normalize`` for a slot held in a 0-d tensor: the running statistics of the row are

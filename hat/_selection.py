@@ -47,6 +47,13 @@ class PerSample:
             got = self._groups[device] = [(t, (ids == t).nonzero().flatten()) for t in self.tasks]
         return got
 
+    def fits(self, batch: int) -> PerSample:
+        """This selection, for a batch of ``batch`` samples (or a clear error)."""
+        if len(self) != batch:
+            raise HATTypeError(f"task_id holds {len(self)} per-sample ids for a batch of {batch} samples; select "
+                               "one id per sample (hat.set_task(model, ids) before each batch)")
+        return self
+
     def checked(self, num_tasks: int, name: str = "task_id") -> PerSample:
         if self.tasks and self.tasks[-1] >= num_tasks:
             raise TaskIndexError(f"{name} holds task {self.tasks[-1]}; ids must be in [0, {num_tasks})")
@@ -83,6 +90,7 @@ def check_selection(task_id: Any, num_tasks: int | None, *, name: str = "task_id
 def grouped(x: torch.Tensor, selection: PerSample, fn: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
     """``fn(samples, task)`` for each task present, on that task's samples of ``x`` (dimension 0),
     the outputs put back in the samples' order."""
+    selection.fits(x.shape[0])
     if len(selection.tasks) == 1:
         return fn(x, selection.tasks[0])
     out = None

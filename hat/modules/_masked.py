@@ -58,7 +58,7 @@ class MaskedLayer(HATMasked):
         if self._hat_defer:  # the task-indexed BatchNorm right after applies the mask, and marks the probe
             return y
         if is_per_sample(task):  # the layer ran once on the batch; each sample gets its task's mask
-            y = self._hat_mark(y, task.ids.to(y.device))
+            y = self._hat_mark(y, task.fits(y.shape[0]).ids.to(y.device))
             return y * _along(self._hat_sample_masks(task, scale), self.mask_dim, y.dim())
         mask, marked = self._hat_mask_marked(task, scale, True)
         if not marked:

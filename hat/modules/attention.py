@@ -113,6 +113,7 @@ class HATMultiheadAttention(MaskedLayer, nn.MultiheadAttention):
         if query.dim() != 3:
             raise HATTypeError("HATMultiheadAttention with per-sample task ids needs batched inputs (3-d)")
         batch = 0 if self.batch_first else 1
+        task.fits(query.shape[batch])
         outs = []
         for t, index in task.groups(query.device):
             pick = [x.index_select(batch, index) for x in (query, key, value)]

@@ -54,7 +54,7 @@ class HATMasker(HATMasked, nn.Module):
         if task is None:  # no task: nothing here trains, the input passes untouched
             return x
         if is_per_sample(task):
-            x = self._hat_mark(x, task.ids.to(x.device))
+            x = self._hat_mark(x, task.fits(x.shape[0]).ids.to(x.device))
             return x * _along(self._hat_sample_masks(task, scale), self.mask_dim, x.dim())
         mask, marked = self._hat_mask_marked(task, scale, True)
         return (x if marked else self._hat_mark(x, task)) * _along(mask, self.mask_dim, x.dim())

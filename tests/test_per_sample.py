@@ -186,7 +186,7 @@ def test_bad_per_sample_ids_are_clear_errors_and_change_nothing(ids, error, word
         with pytest.raises(TypeError, match=words):
             model(torch.zeros(4, 1, 8, 8))
         return
-    with pytest.raises(error, match="task_id|integer|negative"):
+    with pytest.raises(error, match=r"task_id|integer|negative"):
         hat.set_task(model, ids)
     assert model[0]._hat_state == (1, 5.0)  # the selection before the error stays
 

@@ -6,12 +6,12 @@ optimizer created once for the whole task sequence.
 
 from __future__ import annotations
 
-from hat import _protect, modules, utils
+from hat import modules, utils
 from hat._convert import convert, set_task, task, unconvert
 from hat._coverage import LayerCoverage, coverage
-from hat._errors import HATError, HATTypeError, HATValueError, TaskIndexError
 from hat._protect import condition_gradients, mark_trained, trained_tasks
 from hat.config import HATConfig
+from hat.errors import HATError, HATTypeError, HATValueError, TaskIndexError
 from hat.payload import HATPayload
 
 __version__ = "0.2.0"
@@ -37,4 +37,3 @@ __all__ = [
     "utils",
 ]
 
-_protect.install()

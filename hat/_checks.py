@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from hat._errors import HATTypeError, HATValueError, TaskIndexError
+from hat.errors import HATTypeError, HATValueError, TaskIndexError
 
 
 def check_task_id(task_id: Any, num_tasks: int | None, *, name: str = "task_id", allow_none: bool = True) -> int | None:

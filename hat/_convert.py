@@ -24,11 +24,11 @@ from torch import nn
 from hat import _coverage, _statistics, _trace
 from hat._checks import check_mask_scale, check_task_id
 from hat._core import TaskTracked, _check_config, task_modules
-from hat._errors import HATTypeError, HATValueError
 from hat._mapping import DEFAULT_MAPPING, default_mapping
 from hat._selection import check_selection
 from hat._task_params import candidates
 from hat.config import HATConfig
+from hat.errors import HATTypeError, HATValueError
 from hat.modules import TaskIndexedLinear
 from hat.modules._generated import make_task_parameters
 

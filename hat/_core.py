@@ -22,9 +22,9 @@ from torch import nn
 
 from hat import _units
 from hat._checks import check_task_id
-from hat._errors import HATTypeError, HATValueError
 from hat._selection import PerSample, check_selection, is_per_sample
 from hat.config import HATConfig
+from hat.errors import HATTypeError, HATValueError
 from hat.payload import UNKNOWN, HATPayload
 
 __all__ = ["HATMasked", "TaskTracked", "live_modules", "plain_children", "shallow_clone", "task_modules"]
@@ -43,6 +43,23 @@ _MASK_GENERATION = [0]
 
 def _invalidate_masks() -> None:
     _MASK_GENERATION[0] += 1
+
+
+# called whenever a task-aware module is made (hat._protect installs its step hooks here)
+_ON_NEW_MODULE: list[Any] = []
+
+
+def on_first_module(callback: Any) -> None:
+    """Call ``callback()`` when a task-aware module is made (callbacks are idempotent)."""
+    _ON_NEW_MODULE.append(callback)
+    if _LIVE:
+        callback()
+
+
+def _live(module: TaskTracked) -> None:
+    _LIVE.add(module)
+    for callback in _ON_NEW_MODULE:
+        callback()
 
 
 def live_modules() -> list[TaskTracked]:
@@ -399,7 +416,7 @@ class TaskTracked:
         self.register_buffer("hat_scale", torch.tensor(0.0, device=device), persistent=False)
         self.__dict__["_hat_state"] = (None, None)  # the same selection as Python values, for eager forwards
         self.__dict__["_hat_step"] = _StepState()
-        _LIVE.add(self)
+        _live(self)
         self._hat_ensure_hooks()
 
     # -- the first-call trace (hat._trace asks; each class holds the rules about itself) ---------
@@ -468,7 +485,7 @@ class TaskTracked:
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # type: ignore[misc]
         self.__dict__["_hat_step"] = _StepState()
-        _LIVE.add(self)
+        _live(self)
         self._hat_ensure_hooks()
 
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> None:

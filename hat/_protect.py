@@ -26,8 +26,8 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from hat._checks import check_task_id
-from hat._core import _MASK_GENERATION, HATMasked, TaskTracked, live_modules, task_modules
-from hat._errors import HATValueError
+from hat._core import _MASK_GENERATION, HATMasked, TaskTracked, live_modules, on_first_module, task_modules
+from hat.errors import HATValueError
 
 __all__ = ["condition_gradients", "install", "mark_trained", "trained_tasks"]
 
@@ -365,7 +365,22 @@ _HANDLES: list[Any] = []
 
 
 def install() -> None:
-    """Register the global optimizer step hooks (idempotent)."""
+    """Register the global optimizer step hooks (idempotent). Done when the first task-aware
+    module is made: a process that imports hat but builds no HAT model has no hooks."""
     if not _HANDLES:
         _HANDLES.append(register_optimizer_step_pre_hook(_pre_step))
         _HANDLES.append(register_optimizer_step_post_hook(_post_step))
+
+
+def uninstall() -> None:
+    """Remove the global optimizer step hooks (idempotent): steps then protect nothing until
+    ``install()`` or the next task-aware module made."""
+    while _HANDLES:
+        _HANDLES.pop().remove()
+
+
+def installed() -> bool:
+    return bool(_HANDLES)
+
+
+on_first_module(install)

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 
 from hat._checks import check_task_id
-from hat._errors import HATTypeError, TaskIndexError
+from hat.errors import HATTypeError, TaskIndexError
 
 __all__ = ["PerSample", "check_selection", "grouped", "is_per_sample"]
 

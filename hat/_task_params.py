@@ -20,8 +20,8 @@ from torch import nn
 
 from hat._checks import check_task_id
 from hat._core import TaskTracked, rows
-from hat._errors import HATTypeError
 from hat._selection import is_per_sample
+from hat.errors import HATTypeError
 
 __all__ = ["MAX_ENTRIES", "TaskParameters", "candidates"]
 

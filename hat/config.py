@@ -10,7 +10,7 @@ from typing import Any, Literal
 import torch
 
 from hat._checks import check_positive
-from hat._errors import HATTypeError, HATValueError
+from hat.errors import HATTypeError, HATValueError
 
 __all__ = ["HATConfig", "InitStrategy"]
 

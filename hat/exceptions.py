@@ -1,11 +1,7 @@
-"""Exceptions and warnings, under hat-cl's module name."""
+"""hat-cl's module name for the exceptions and warnings: the same classes as ``hat.errors``."""
 
 from __future__ import annotations
 
-from hat._errors import HATError, HATTypeError, HATValueError, TaskIndexError
+from hat.errors import HATError, HATTypeError, HATValueError, ModuleConversionWarning, TaskIndexError
 
 __all__ = ["HATError", "HATTypeError", "HATValueError", "ModuleConversionWarning", "TaskIndexError"]
-
-
-class ModuleConversionWarning(UserWarning):
-    """A module had no counterpart to convert to and was kept as it is."""

@@ -32,6 +32,7 @@ from torch import nn
 
 from hat._convert import _ensure_root_hook
 from hat.config import HATConfig
+from hat.errors import HATValueError
 from hat.modules import HATConv2d, HATLinear, TaskIndexedBatchNorm2d, TaskIndexedLinear
 from hat.payload import HATPayload
 from hat.utils import get_hat_mask_scale, get_hat_reg_term
@@ -77,7 +78,7 @@ def split_digits(num_tasks: int = 5, seed: int = 0, train_fraction: float = 0.7)
     """
     _check_num_tasks(num_tasks, 5, "10 digits, 2 per task")
     if not 0.0 < train_fraction < 1.0:
-        raise ValueError(f"train_fraction must be in (0, 1); got {train_fraction!r}")
+        raise HATValueError(f"train_fraction must be in (0, 1); got {train_fraction!r}")
     from sklearn.datasets import load_digits  # optional dependency (the "demo" extra)
 
     digits = load_digits()
@@ -116,12 +117,12 @@ def _read_idx(path: Path) -> torch.Tensor:
     with opener(path, "rb") as f:
         raw = f.read()
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise ValueError(f"{path} is not an IDX file of unsigned bytes")
+        raise HATValueError(f"{path} is not an IDX file of unsigned bytes")
     ndim = raw[3]
     dims = struct.unpack(">" + "I" * ndim, raw[4:4 + 4 * ndim])
     data = raw[4 + 4 * ndim:]
     if len(data) != math.prod(dims):
-        raise ValueError(f"{path} is truncated: {len(data)} bytes of data for shape {dims}")
+        raise HATValueError(f"{path} is truncated: {len(data)} bytes of data for shape {dims}")
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).reshape(dims)
 
 
@@ -147,7 +148,7 @@ def _load_fashion(data_dir: str | Path | None) -> tuple[torch.Tensor, ...]:
 
 def _check_num_tasks(num_tasks: Any, most: int, why: str) -> None:
     if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or not 1 <= num_tasks <= most:
-        raise ValueError(f"num_tasks must be an int in [1, {most}] ({why}); got {num_tasks!r}")
+        raise HATValueError(f"num_tasks must be an int in [1, {most}] ({why}); got {num_tasks!r}")
 
 
 def split_fashion_mnist(num_tasks: int = 5, data_dir: str | Path | None = None) -> list[Task]:
@@ -306,7 +307,7 @@ def build_model(name: str, num_tasks: int, classes_per_task: int, *, s_max: floa
         return model
     if name.startswith("hat_"):
         return _timm_model(name, cfg, classes_per_task, (c, h, w))
-    raise ValueError(f"model must be one of {MODELS} or a hat_* timm model; got {name!r}")
+    raise HATValueError(f"model must be one of {MODELS} or a hat_* timm model; got {name!r}")
 
 
 def timm_model_names() -> list[str]:
@@ -323,7 +324,7 @@ def timm_model_names() -> list[str]:
 def _timm_model(name: str, cfg: HATConfig, classes: int, shape: tuple[int, int, int]) -> nn.Module:
     names = timm_model_names()
     if name not in names:
-        raise ValueError(f"model {name!r} is not a registered hat_* timm model "
+        raise HATValueError(f"model {name!r} is not a registered hat_* timm model "
                          f"({', '.join(names) or 'timm not installed'})")
     import timm
 
@@ -342,7 +343,7 @@ def build_optimizer(name: str, params: Iterable[nn.Parameter], lr: float) -> tor
         return torch.optim.Adam(params, lr=lr)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9)
-    raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {name!r}")
+    raise HATValueError(f"optimizer must be one of {OPTIMIZERS}; got {name!r}")
 
 
 # -- training and evaluation --------------------------------------------------------------------
@@ -413,7 +414,7 @@ def run_sequence(model: nn.Module, optimizer: torch.optim.Optimizer, tasks: Sequ
     Returns the accuracy matrix, row ``t`` holding ``t + 1`` entries.
     """
     if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+        raise HATValueError(f"method must be one of {METHODS}; got {method!r}")
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     matrix = [list(row) for row in matrix] if matrix is not None else []
     for t, (x_train, y_train, _, _) in enumerate(tasks):

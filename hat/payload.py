@@ -20,6 +20,7 @@ from torch import nn
 
 from hat._checks import check_mask_scale
 from hat._selection import check_selection, is_per_sample
+from hat.errors import HATTypeError
 
 __all__ = ["HATPayload"]
 
@@ -35,8 +36,19 @@ _ZERO_KEEPING = (
 # Unit-wise modules that do not keep 0 at 0: the mask is applied again after them.
 _ZERO_MOVING = (nn.Sigmoid, nn.Softplus, nn.Hardsigmoid, nn.LogSigmoid)
 
-# Marks a payload whose units can no longer be traced to a HAT layer.
-UNKNOWN = "unknown"
+class _Unknown:
+    """Marks a payload whose units can no longer be traced to a HAT layer (one object, compared with ``is``)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "UNKNOWN"
+
+    def __reduce__(self) -> str:
+        return "UNKNOWN"  # pickles as this module's name: the same object after loading
+
+
+UNKNOWN = _Unknown()
 
 
 class HATPayload:
@@ -61,7 +73,7 @@ class HATPayload:
 
     def __init__(self, data: torch.Tensor, task_id: Any = None, mask_scale: Any = None) -> None:
         if not isinstance(data, torch.Tensor):
-            raise TypeError(f"data must be a torch.Tensor; got {type(data).__name__}")
+            raise HATTypeError(f"data must be a torch.Tensor; got {type(data).__name__}")
         self._selection = check_selection(task_id, None, batch=data.shape[0] if data.dim() else None)
         # the user's value: an int, None, or the per-sample ids
         self.task_id: Any = self._selection.ids if is_per_sample(self._selection) else self._selection
@@ -107,7 +119,7 @@ class HATPayload:
         x = self.data
         y = module(x, *args, **kwargs)
         if not isinstance(y, torch.Tensor):
-            raise TypeError("forward_by expects the module to return a tensor; "
+            raise HATTypeError("forward_by expects the module to return a tensor; "
                             f"{type(module).__name__} returned {type(y).__name__}")
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training and self.task_id is not None:
             _warn_shared_norm(module)

@@ -15,8 +15,8 @@ from torch import nn
 
 from hat._checks import check_mask_scale, check_positive, check_task_id
 from hat._core import HATMasked, _group_of
-from hat._errors import HATTypeError, HATValueError
 from hat._selection import check_selection, is_per_sample
+from hat.errors import HATTypeError, HATValueError
 
 __all__ = [
     "RegStrategy",
@@ -200,7 +200,7 @@ def convert_to_base_module(module: nn.Module, **kwargs: Any) -> nn.Module:
 def _swapped_copy(module: nn.Module, swap: Any, done: Any, why: str) -> nn.Module:
     """hat-cl's conversion walk: ``swap(m)`` gives a replacement (or None); modules that are
     ``done`` stay; other leaves stay with a warning; the rest is copied once and walked."""
-    from hat.exceptions import ModuleConversionWarning
+    from hat.errors import ModuleConversionWarning
 
     def leaf_or_done(m: nn.Module) -> bool:
         if done(m):

@@ -10,8 +10,8 @@ from torch import nn
 from hat import _trace
 from hat._checks import check_task_id
 from hat._core import HATMasked, _check_config, shallow_clone
-from hat._errors import HATTypeError, HATValueError
 from hat._selection import is_per_sample
+from hat.errors import HATTypeError, HATValueError
 from hat.payload import HATPayload, _along
 
 

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hat import _trace, _units
-from hat._errors import HATTypeError
 from hat._selection import is_per_sample
+from hat.errors import HATTypeError
 from hat.modules._masked import MaskedLayer
 from hat.modules.linear import HATLinear
 from hat.payload import HATPayload

@@ -12,9 +12,9 @@ from torch import nn
 from hat import _trace
 from hat._checks import check_task_id
 from hat._core import TaskTracked, _check_config, rows
-from hat._errors import HATTypeError
 from hat._selection import grouped, is_per_sample
 from hat.config import HATConfig
+from hat.errors import HATTypeError
 from hat.modules._masked import MaskedLayer
 from hat.payload import HATPayload
 

@@ -25,9 +25,9 @@ from torch import nn
 from hat import _trace
 from hat._checks import check_task_id
 from hat._core import HATMasked, TaskTracked, _row, forward_deviation, plain_children, rows, shallow_clone
-from hat._errors import HATTypeError, HATValueError
 from hat._selection import grouped, is_per_sample
 from hat.config import HATConfig
+from hat.errors import HATTypeError, HATValueError
 from hat.payload import HATPayload, _along
 
 __all__ = [
@@ -422,8 +422,8 @@ class _TaskIndexedBatchNorm(_TaskIndexedNorm):
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() not in self._expected_dims:
-            raise ValueError(f"{type(self).__name__} expects a {' or '.join(map(str, self._expected_dims))}-d input; "
-                             f"got {x.dim()}-d")
+            dims = " or ".join(map(str, self._expected_dims))
+            raise HATValueError(f"{type(self).__name__} expects a {dims}-d input; got {x.dim()}-d")
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, input: Any) -> Any:

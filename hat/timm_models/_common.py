@@ -10,7 +10,7 @@ from torch import nn
 
 import hat
 from hat._core import HATMasked, TaskTracked, _check_config
-from hat._errors import HATTypeError, HATValueError
+from hat.errors import HATTypeError, HATValueError
 from hat.modules import TaskIndexedLinear
 from hat.payload import HATPayload
 

@@ -15,7 +15,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.resnet import BasicBlock, ResNet
 from torch import nn
 
-from hat._errors import HATValueError
+from hat.errors import HATValueError
 from hat.timm_models._common import HATTimmModel, finish, key_check, plain_cfg, require_config
 
 __all__ = ["HATResNet"]

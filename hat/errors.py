@@ -6,7 +6,7 @@ for users who do not know about hat's own types.
 
 from __future__ import annotations
 
-__all__ = ["HATError", "HATTypeError", "HATValueError", "TaskIndexError"]
+__all__ = ["HATError", "HATTypeError", "HATValueError", "ModuleConversionWarning", "TaskIndexError"]
 
 
 class HATError(Exception):
@@ -23,3 +23,7 @@ class HATValueError(HATError, ValueError):
 
 class TaskIndexError(HATError, IndexError):
     """A task id outside ``[0, num_tasks)``."""
+
+
+class ModuleConversionWarning(UserWarning):
+    """A module had no counterpart to convert to and was kept as it is (hat-cl's warning)."""

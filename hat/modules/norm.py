@@ -58,6 +58,17 @@ class _TaskIndexedNorm(TaskTracked, nn.Module):
     _hat_unit_map: Any = None
     _hat_base: ClassVar[type[nn.Module]]
 
+    def _hat_init_rows(self, num_tasks: int, shape: tuple[int, ...], affine: bool, bias: bool, device: Any,
+                       dtype: Any) -> None:
+        """Per-task ``weight`` (ones) and ``bias`` (zeros) rows ``[num_tasks + 1, *shape]`` (or None),
+        then the task bookkeeping; the buffers of running statistics are the subclass's."""
+        kw = dict(device=device, dtype=dtype)
+        slots = num_tasks + 1
+        self.register_parameter("weight", nn.Parameter(torch.ones(slots, *shape, **kw)) if affine else None)
+        self.register_parameter("bias", nn.Parameter(torch.zeros(slots, *shape, **kw)) if affine and bias else None)
+        self.register_buffer("hat_unit_gather", None, persistent=False)
+        self._hat_init_tracking(num_tasks, device)
+
     # -- what subclasses say about themselves ------------------------------------------------
     @property
     def num_units(self) -> int:
@@ -335,12 +346,6 @@ class _TaskIndexedBatchNorm(_TaskIndexedNorm):
         self.track_running_stats = track_running_stats
         slots = num_tasks + 1
         kw = dict(device=device, dtype=dtype)
-        if affine:
-            self.weight = nn.Parameter(torch.ones(slots, num_features, **kw))
-            self.bias = nn.Parameter(torch.zeros(slots, num_features, **kw))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
         if track_running_stats:
             self.register_buffer("running_mean", torch.zeros(slots, num_features, **kw))
             self.register_buffer("running_var", torch.ones(slots, num_features, **kw))
@@ -349,8 +354,7 @@ class _TaskIndexedBatchNorm(_TaskIndexedNorm):
             self.register_buffer("running_mean", None)
             self.register_buffer("running_var", None)
             self.register_buffer("num_batches_tracked", None)
-        self.register_buffer("hat_unit_gather", None, persistent=False)
-        self._hat_init_tracking(num_tasks, device)
+        self._hat_init_rows(num_tasks, (num_features,), affine, True, device, dtype)
 
     @property
     def num_units(self) -> int:
@@ -635,16 +639,7 @@ class TaskIndexedLayerNorm(_TaskIndexedNorm):
         self.normalized_shape = tuple(int(s) for s in normalized_shape)
         self.eps = eps
         self.elementwise_affine = elementwise_affine
-        kw = dict(device=device, dtype=dtype)
-        slots = num_tasks + 1
-        if elementwise_affine:
-            self.weight = nn.Parameter(torch.ones(slots, *self.normalized_shape, **kw))
-            self.bias = nn.Parameter(torch.zeros(slots, *self.normalized_shape, **kw)) if bias else None
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        self.register_buffer("hat_unit_gather", None, persistent=False)
-        self._hat_init_tracking(num_tasks, device)
+        self._hat_init_rows(num_tasks, self.normalized_shape, elementwise_affine, bias, device, dtype)
 
     @property
     def num_units(self) -> int:
@@ -727,16 +722,7 @@ class TaskIndexedGroupNorm(_TaskIndexedNorm):
         self.num_channels = num_channels
         self.eps = eps
         self.affine = affine
-        kw = dict(device=device, dtype=dtype)
-        slots = num_tasks + 1
-        if affine:
-            self.weight = nn.Parameter(torch.ones(slots, num_channels, **kw))
-            self.bias = nn.Parameter(torch.zeros(slots, num_channels, **kw))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        self.register_buffer("hat_unit_gather", None, persistent=False)
-        self._hat_init_tracking(num_tasks, device)
+        self._hat_init_rows(num_tasks, (num_channels,), affine, True, device, dtype)
 
     @property
     def num_units(self) -> int:

@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+import hat
 from hat import HATPayload
 from hat.utils import get_hat_mask_scale, get_hat_reg_term
 
@@ -48,3 +49,9 @@ def eval_logits(model: torch.nn.Module, x: torch.Tensor, task_id: int | None,
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     return (logits.argmax(1) == y).float().mean().item()
+
+
+def tensor_forward(model: torch.nn.Module, payload: HATPayload) -> torch.Tensor:
+    """``forward`` for a converted model: the payload's task as model state, its data as a tensor."""
+    hat.set_task(model, payload.task_id, mask_scale=payload.mask_scale)
+    return model(payload.data)

@@ -23,7 +23,8 @@ from hat.modules import (
     TaskIndexedLayerNorm2d,
     TaskIndexedSyncBatchNorm,
 )
-from hat.utils import get_hat_mask_scale, get_hat_reg_term
+
+from helpers import eval_logits, tensor_forward, train_task
 
 NUM_TASKS = 2
 CHANNELS = 8
@@ -88,28 +89,16 @@ def _make(family: str, seed: int = 0) -> tuple[nn.Module, nn.Module]:
 
 def _train(model: nn.Module, optimizer: torch.optim.Optimizer, data: tuple, t: int, *, n: int = 160,
            epochs: int = 2, batch_size: int = 32) -> None:
-    """HAT's training loop: the mask scale annealed 1/s_max -> s_max in each epoch, the regularizer."""
-    x, y = data[0][:n], data[1][:n]
-    g = torch.Generator().manual_seed(t)
-    model.train()
-    n_batches = (len(x) + batch_size - 1) // batch_size
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=g)
-        for b in range(n_batches):
-            idx = order[b * batch_size:(b + 1) * batch_size]
-            scale = get_hat_mask_scale("linear", 100.0, b / max(n_batches - 1, 1))
-            hat.set_task(model, t, mask_scale=scale)
-            loss = F.cross_entropy(model(x[idx]), y[idx]) + 0.75 * get_hat_reg_term(model, task_id=t, mask_scale=scale)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+    """HAT's training loop (tests/helpers.py): the mask scale annealed 1/s_max -> s_max in each epoch,
+    the regularizer; the task selected with hat.set_task."""
+    train_task(model, optimizer, data[0][:n], data[1][:n], t, epochs=epochs, batch_size=batch_size,
+               forward=tensor_forward)
 
 
-@torch.no_grad()
 def _eval(model: nn.Module, x: torch.Tensor, t: int) -> torch.Tensor:
-    model.eval()
-    with hat.task(model, t):
-        return model(x)
+    logits = eval_logits(model, x, t, forward=tensor_forward)
+    model.eval()  # as the callers expect after an evaluation
+    return logits
 
 
 def _rows(norm: nn.Module) -> dict[str, torch.Tensor]:

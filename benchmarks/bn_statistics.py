@@ -32,7 +32,7 @@ from torch import nn
 
 import hat
 from hat import HATConfig
-from hat.experiment import split_fashion_mnist
+from hat.app.experiment import split_fashion_mnist
 from hat.modules import TaskIndexedBatchNorm2d
 from hat.utils import get_hat_mask_scale, get_hat_reg_term
 

@@ -26,7 +26,8 @@ from torch.optim.optimizer import (
     register_optimizer_step_pre_hook,
 )
 
-from hat import HATConfig, HATPayload, _protect
+from hat import HATConfig, HATPayload
+from hat.protect import hooks as _protect
 from hat.utils import get_hat_reg_term
 
 

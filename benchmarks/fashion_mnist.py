@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from hat.cli import build_parser, run
+from hat.app.cli import build_parser, run
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from hat.experiment import DataNotFoundError, split_digits, split_fashion_mnist
+from hat.app.experiment import DataNotFoundError, split_digits, split_fashion_mnist
 
 
 def load_tasks(dataset: str, per_task: int | None = None, seed: int = 0) -> list:

@@ -8,7 +8,7 @@ from torch import nn
 
 import hat
 from hat import HATConfig
-from hat.experiment import capacity
+from hat.app.experiment import capacity
 from hat.utils import get_hat_mask_scale, get_hat_reg_term
 
 

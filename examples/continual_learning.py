@@ -23,7 +23,7 @@ import torch
 import hat
 import hat.timm_models  # noqa: F401
 from hat import HATConfig
-from hat.experiment import backward_transfer, split_cifar
+from hat.app.experiment import backward_transfer, split_cifar
 
 from _common import load_tasks
 from _loop import accuracy, train_task

@@ -7,12 +7,12 @@ optimizer created once for the whole task sequence.
 from __future__ import annotations
 
 from hat import modules, utils
-from hat._convert import convert, set_task, task, unconvert
-from hat._coverage import LayerCoverage, coverage
-from hat._protect import condition_gradients, mark_trained, trained_tasks
 from hat.config import HATConfig
+from hat.convert.api import convert, set_task, task, unconvert
+from hat.convert.coverage import LayerCoverage, coverage
 from hat.errors import HATError, HATTypeError, HATValueError, TaskIndexError
 from hat.payload import HATPayload
+from hat.protect.hooks import condition_gradients, mark_trained, trained_tasks
 
 __version__ = "0.2.0"
 

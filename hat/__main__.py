@@ -1,4 +1,4 @@
-"""``python -m hat``: see :mod:`hat.cli`."""
+"""``python -m hat``: see :mod:`hat.app.cli`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from hat.cli import main
+from hat.app.cli import main
 
 if __name__ == "__main__":
     # Small networks run fastest on few threads; only here, never inside main(), which tests and

@@ -13,14 +13,16 @@ exactly the weights that earlier tasks use.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
 from hat._checks import check_mask_scale
-from hat._selection import check_selection, is_per_sample
+from hat._runtime import RUNTIME
 from hat.errors import HATTypeError
+from hat.tracking.selection import check_selection, is_per_sample
 
 __all__ = ["HATPayload"]
 
@@ -58,7 +60,7 @@ class HATPayload:
         data: the tensor.
         task_id: the task (an int in ``[0, num_tasks)``), or None for "no task": no masking
             at all (the plain network), and task-indexed norms use a slot of their own; or a 1-D
-            integer tensor with one task id per sample (``hat._selection``).
+            integer tensor with one task id per sample (``hat.tracking.selection``).
         mask_scale: the scale ``s`` of the soft mask ``sigmoid(s * e)`` for training, or None
             for the hard (binary) mask used in evaluation.
 
@@ -157,15 +159,10 @@ def _along(mask: torch.Tensor, dim: int, ndim: int) -> torch.Tensor:
     return mask.view(mask.shape[0], *([1] * (ndim - d - 1)))
 
 
-_warned_norms: set[int] = set()
-
-
 def _warn_shared_norm(module: nn.Module) -> None:
-    import warnings
-
-    if id(module) in _warned_norms:
+    if id(module) in RUNTIME.warned_norms:
         return
-    _warned_norms.add(id(module))
+    RUNTIME.warned_norms.add(id(module))
     warnings.warn(
         f"{type(module).__name__} is shared by every task: its running statistics change while later tasks "
         "train, so earlier tasks' outputs will change. Use hat.modules.TaskIndexedBatchNorm* instead.",

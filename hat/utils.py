@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from hat._checks import check_mask_scale, check_positive, check_task_id
-from hat._core import HATMasked, _group_of
-from hat._selection import check_selection, is_per_sample
 from hat.errors import HATTypeError, HATValueError
+from hat.masks.group import group_of
+from hat.modules._base import HATMasked
+from hat.tracking.selection import check_selection, is_per_sample
 
 __all__ = [
     "RegStrategy",
@@ -96,7 +97,7 @@ def _reg_from_forward(layers: list[HATMasked], task: int,
     cfg = layers[0].hat_config
     if cfg.gate is not torch.sigmoid or any(m.hat_config is not cfg for m in layers):
         return None
-    masks = _group_of(cfg).served(layers, task, scale)
+    masks = group_of(cfg).served(layers, task, scale)
     if masks is None:
         return None
     trained = layers[0]._hat_trained_set()
@@ -171,8 +172,8 @@ def convert_to_task_dependent_module(module: nn.Module, **kwargs: Any) -> nn.Mod
     returned as is with a ``ModuleConversionWarning``. Forwards are not changed: a hat-cl style
     model then runs on payloads. For a model that keeps taking tensors use ``hat.convert``.
     """
-    from hat._convert import DEFAULT_MAPPING
-    from hat._core import TaskTracked
+    from hat.convert.api import DEFAULT_MAPPING
+    from hat.tracking.tracked import TaskTracked
 
     def swap(m: nn.Module) -> nn.Module | None:
         target = DEFAULT_MAPPING.get(type(m))
@@ -188,8 +189,8 @@ def convert_to_base_module(module: nn.Module, **kwargs: Any) -> nn.Module:
     ``layer.to_base_module(**kwargs)`` (pass ``task_id=...``: the plain layer for that task,
     hard mask folded in). Plain torch layers stay; another leaf is returned as is with a
     ``ModuleConversionWarning``. For a whole converted model use ``hat.unconvert``."""
-    from hat._convert import DEFAULT_MAPPING
-    from hat._core import TaskTracked
+    from hat.convert.api import DEFAULT_MAPPING
+    from hat.tracking.tracked import TaskTracked
 
     def swap(m: nn.Module) -> nn.Module | None:
         return m.to_base_module(**kwargs) if isinstance(m, TaskTracked) else None

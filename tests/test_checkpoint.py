@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from hat.cli import main
+from hat.app.cli import main
 
 BASE = ["run", "--benchmark", "split-digits", "--tasks", "3", "--epochs", "2", "--optimizer", "adamw"]
 

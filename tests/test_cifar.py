@@ -7,8 +7,8 @@ import pickle
 import numpy as np
 import pytest
 
-from hat.cli import build_parser, main, run
-from hat.experiment import DataNotFoundError, split_cifar
+from hat.app.cli import build_parser, main, run
+from hat.app.experiment import DataNotFoundError, split_cifar
 
 
 def _write_batches(folder, files, label_key, classes, per_file, seed=0):

@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from hat.cli import build_parser, format_results, main, run
-from hat.experiment import average_accuracy, backward_transfer, forgetting
+from hat.app.cli import build_parser, format_results, main, run
+from hat.app.experiment import average_accuracy, backward_transfer, forgetting
 
 QUICK = ["run", "--benchmark", "split-digits", "--tasks", "3", "--epochs", "2"]
 
@@ -116,7 +116,7 @@ def test_tiny_negative_bwt_prints_as_zero():
 
 
 def test_import_hat_stays_light():
-    code = "import sys, hat, hat.cli, hat.experiment; assert 'sklearn' not in sys.modules, 'sklearn imported'"
+    code = "import sys, hat, hat.app.cli, hat.app.experiment; assert 'sklearn' not in sys.modules, 'sklearn imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

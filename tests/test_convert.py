@@ -262,7 +262,7 @@ def test_set_task_rejects_bad_task_ids_and_changes_nothing(task_id, error):
     hat.set_task(model, 1, mask_scale=5.0)
     with pytest.raises(error, match="task_id"):
         hat.set_task(model, task_id, mask_scale=5.0)
-    assert all(m._hat_state == (1, 5.0) and int(m.hat_task) == 1 for m in hat._core.task_modules(model))
+    assert all(m._hat_state == (1, 5.0) and int(m.hat_task) == 1 for m in hat.tracking.tracked.task_modules(model))
 
 
 def test_set_task_bad_scale_and_plain_model():
@@ -279,9 +279,9 @@ def test_task_context_restores_the_selection_even_on_error():
     model = hat.convert(sequential_cnn(), HATConfig(num_tasks=3))
     hat.set_task(model, 2, mask_scale=3.0)
     with pytest.raises(RuntimeError, match="boom"), hat.task(model, 0):
-        assert all(m._hat_state == (0, None) for m in hat._core.task_modules(model))
+        assert all(m._hat_state == (0, None) for m in hat.tracking.tracked.task_modules(model))
         raise RuntimeError("boom")
-    assert all(m._hat_state == (2, 3.0) and float(m.hat_scale) == 3.0 for m in hat._core.task_modules(model))
+    assert all(m._hat_state == (2, 3.0) and float(m.hat_scale) == 3.0 for m in hat.tracking.tracked.task_modules(model))
 
 
 def test_training_forward_on_the_hard_mask_is_an_error(digit_tasks):
@@ -381,7 +381,7 @@ def test_unconvert_gives_plain_layers_with_the_same_outputs(digit_tasks, model_n
     x = digit_tasks[0][2]
     for t in (0, 1, None):
         plain = hat.unconvert(model, t)
-        assert not hat._core.task_modules(plain)
+        assert not hat.tracking.tracked.task_modules(plain)
         assert all(type(m).__module__.startswith(("torch.", "convert_models")) for m in plain.modules())
         plain.eval()
         head = 0 if t is None else t  # the resnet's own heads: task None borrows head 0
@@ -389,7 +389,7 @@ def test_unconvert_gives_plain_layers_with_the_same_outputs(digit_tasks, model_n
             got = forward(plain, x, head)
         expected = eval_logits(model, x, t, lambda m, x_, _t, head=head: forward(m, x_, head))
         assert torch.equal(got, expected)  # bit-identical: the same products, rows of zeros aside
-    assert hat._core.task_modules(model)  # the HAT model itself is unchanged
+    assert hat.tracking.tracked.task_modules(model)  # the HAT model itself is unchanged
     with pytest.raises(IndexError, match="task_id"):
         hat.unconvert(model, NUM_TASKS)
 

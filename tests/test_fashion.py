@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from hat.experiment import DataNotFoundError, _find_fashion, _read_idx, split_fashion_mnist
+from hat.app.experiment import DataNotFoundError, _find_fashion, _read_idx, split_fashion_mnist
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def test_split_in_class_order_with_the_official_test_set(fashion_tasks):
 
 
 def test_cli_on_fashion_keeps_earlier_tasks_exactly(fashion_tasks):
-    from hat.cli import build_parser, run
+    from hat.app.cli import build_parser, run
 
     results = run(build_parser().parse_args(["run", "--benchmark", "split-fashion-mnist", "--tasks", "2",
                                               "--epochs", "1", "--batch-size", "128", "--optimizer", "adam"]))
@@ -62,7 +62,7 @@ def test_idx_reader_rejects_truncated_and_foreign_files(tmp_path):
 
 
 def test_permuted_fashion_mnist_permutes_pixels_per_task(fashion_tasks):
-    from hat.experiment import permuted_fashion_mnist
+    from hat.app.experiment import permuted_fashion_mnist
 
     tasks = permuted_fashion_mnist(3)
     (x0, y0, _, _), (x1, y1, _, _) = tasks[0], tasks[1]

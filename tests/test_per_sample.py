@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import hat
 from hat import HATConfig, HATPayload
-from hat.experiment import build_model
+from hat.app.experiment import build_model
 from hat.utils import get_hat_reg_term
 
 from convert_models import SmallResNet, sequential_cnn

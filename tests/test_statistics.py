@@ -162,7 +162,7 @@ def test_the_end_of_a_task_refreshes_its_rows_with_the_final_weights_and_nothing
 
 
 def test_the_kept_inputs_stay_within_their_budget(digit_tasks):
-    from hat import _statistics
+    from hat.convert import statistics as _statistics
 
     torch.manual_seed(0)
     model = _conv_bn(HATConfig(num_tasks=2))
@@ -233,7 +233,7 @@ def test_a_payload_model_follows_the_training_rule(digit_tasks):
 
 
 def test_the_clis_payload_cnn_refreshes_its_statistics_when_a_task_ends(digit_tasks):
-    from hat.experiment import build_model, evaluate, train_task
+    from hat.app.experiment import build_model, evaluate, train_task
 
     torch.manual_seed(0)
     model = build_model("cnn", num_tasks=2, classes_per_task=2, s_max=100.0)

@@ -10,11 +10,12 @@ import torch
 from torch import nn
 
 import hat
-from hat import HATConfig, _protect
+from hat import HATConfig
+from hat.protect import hooks as _protect
 
 
 def test_importing_hat_installs_no_step_hook_until_a_task_aware_module_is_made():
-    code = ("import torch, hat, hat._protect as p; a = p.installed(); "
+    code = ("import torch, hat, hat.protect.hooks as p; a = p.installed(); "
             "hat.convert(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)), "
             "hat.HATConfig(num_tasks=2)); print(a, p.installed())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -273,7 +273,7 @@ def test_reg_term_after_a_training_forward_equals_the_per_layer_one(strat, forgi
 
 
 def _mask_nodes(t: torch.Tensor) -> set:
-    """The mask nodes (``_GroupMaskBackward``) ``t`` was computed through."""
+    """The mask nodes (``GroupMaskBackward``) ``t`` was computed through."""
     seen, todo = set(), [t.grad_fn]
     while todo:
         node = todo.pop()
@@ -281,4 +281,4 @@ def _mask_nodes(t: torch.Tensor) -> set:
             continue
         seen.add(node)
         todo.extend(n for n, _ in node.next_functions)
-    return {n for n in seen if type(n).__name__ == "_GroupMaskBackward"}
+    return {n for n in seen if type(n).__name__ == "GroupMaskBackward"}

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from hat._task_params import TaskParameters
+from hat.modules.task_params import TaskParameters
 
 __all__ = ["derive", "derive_params", "make_task_parameters"]
 
@@ -44,10 +44,10 @@ def derive(hat_cls: type, base: type) -> type:
 
 def derive_params(base: type, names: tuple[str, ...]) -> type:
     """The class of a module of class ``base`` whose own parameters ``names`` are per task
-    (``hat._task_params``): reading ``module.<name>`` gives the selected task's row."""
+    (``hat.modules.task_params``): reading ``module.<name>`` gives the selected task's row."""
     attrs: dict[str, Any] = {
         "_hat_row_params": names,
-        "__doc__": f"{base.__qualname__} with its parameters {', '.join(names)} per task (hat._task_params).",
+        "__doc__": f"{base.__qualname__} with its parameters {', '.join(names)} per task (hat.modules.task_params).",
     }
     for n in names:
         attrs[n] = property(lambda self, n=n: self._hat_param_row(n))

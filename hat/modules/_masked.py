@@ -7,12 +7,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from hat import _trace
 from hat._checks import check_task_id
-from hat._core import HATMasked, _check_config, shallow_clone
-from hat._selection import is_per_sample
 from hat.errors import HATTypeError, HATValueError
-from hat.payload import HATPayload, _along
+from hat.modules._base import HATMasked
+from hat.payload import HATPayload
+from hat.tracking.tracked import Selection, check_config, shallow_clone
 
 
 class MaskedLayer(HATMasked):
@@ -33,37 +32,17 @@ class MaskedLayer(HATMasked):
     _hat_whole_rows: ClassVar[str | None] = None
     _hat_can_defer = True
 
-    def forward(self, input: Any) -> Any:
-        if isinstance(input, HATPayload):
-            task, scale = self._hat_begin(input)
-            self._hat_record_link(input)
-            y = self._hat_base.forward(self, input.data)
-            return self._hat_masked_payload(input, y, task, scale)  # marks the probe
-        rec = _trace.active()
-        if rec is not None:
-            return rec.call(self, input, self._hat_forward_tensor)
-        return self._hat_forward_tensor(input)
+    def _hat_forward_payload(self, payload: HATPayload, sel: Selection) -> HATPayload:
+        self._hat_record_link(payload)
+        y = self._hat_base.forward(self, payload.data)
+        return self._hat_masked_payload(payload, y, sel)  # marks the probe
 
-    def _hat_forward_tensor(self, x: torch.Tensor) -> torch.Tensor:
+    def _hat_forward_tensor(self, x: torch.Tensor, sel: Selection) -> torch.Tensor:
         """A plain tensor in: the task selected by ``hat.set_task`` (none: the plain layer)."""
         y = self._hat_base.forward(self, x)
-        if torch.compiler.is_compiling():
-            y = self._hat_mark(y, self.hat_task)
-            if self._hat_defer:
-                return y
-            return y * _along(self._hat_mask_tensor(self.hat_task, self.hat_scale), self.mask_dim, y.dim())
-        task, scale = self._hat_selected()
-        if task is None:
-            return self._hat_mark(y, self.num_tasks)
-        if self._hat_defer:  # the task-indexed BatchNorm right after applies the mask, and marks the probe
-            return y
-        if is_per_sample(task):  # the layer ran once on the batch; each sample gets its task's mask
-            y = self._hat_mark(y, task.fits(y.shape[0]).ids.to(y.device))
-            return y * _along(self._hat_sample_masks(task, scale), self.mask_dim, y.dim())
-        mask, marked = self._hat_mask_marked(task, scale, True)
-        if not marked:
-            y = self._hat_mark(y, task)
-        return y * _along(mask, self.mask_dim, y.dim())
+        if self._hat_defer and sel.task is not None:  # the task-indexed BatchNorm right after applies the mask
+            return y  # (and reports the task to this layer's probe through it)
+        return self._hat_apply_mask(y, sel)
 
     def _hat_in_units(self) -> int:
         raise NotImplementedError
@@ -92,7 +71,7 @@ class MaskedLayer(HATMasked):
         kept as they are), with a task embedding per output unit added."""
         if hat_config is None:
             raise HATTypeError(f"{cls.__name__}.from_base_module needs hat_config=HATConfig(num_tasks=...)")
-        _check_config(hat_config)
+        check_config(hat_config)
         if not isinstance(base_module, cls._hat_base):
             raise HATTypeError(f"{cls.__name__}.from_base_module expects a {cls._hat_base.__name__}; "
                                f"got {type(base_module).__name__}")

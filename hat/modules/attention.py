@@ -8,12 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hat import _trace, _units
-from hat._selection import is_per_sample
 from hat.errors import HATTypeError
+from hat.masks import units as _units
 from hat.modules._masked import MaskedLayer
 from hat.modules.linear import HATLinear
 from hat.payload import HATPayload
+from hat.tracking.selection import is_per_sample
+from hat.tracking.tracked import Selection
 
 __all__ = ["HATMultiheadAttention"]
 
@@ -70,37 +71,38 @@ class HATMultiheadAttention(MaskedLayer, nn.MultiheadAttention):
     def forward(self, query: Any, key: Any, value: Any, key_padding_mask: torch.Tensor | None = None,
                 need_weights: bool = True, attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[Any, torch.Tensor | None]:
-        kwargs = dict(key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
-                      average_attn_weights=average_attn_weights, is_causal=is_causal)
-        if isinstance(query, HATPayload):
-            task, scale = self._hat_begin(query)
-            self._hat_record_link(query)
-            k = key.data if isinstance(key, HATPayload) else key
-            v = value.data if isinstance(value, HATPayload) else value
-            if is_per_sample(task):
-                out, weights = self._attend_per_task(query.data, k, v, task, scale, **kwargs)
-                unit_mask = self.out_proj._hat_sample_masks(task, scale)
-                return query._derive(out, mask=None, unit_mask=unit_mask, unit_dim=-1, src=self.out_proj), weights
-            masks = (None, None) if task is None else (_marked(self, task, scale), _marked(self.out_proj, task, scale))
-            out, weights = self._attend(query.data, k, v, *masks, **kwargs)
-            return query._derive(out, mask=None, unit_mask=masks[1], unit_dim=-1, src=self.out_proj), weights
-        rec = _trace.active()
-        if rec is not None:
-            cross = None if key is query and value is query else "keys and values from another tensor than the queries"
-            got = rec.call(self, query, lambda q: self._hat_forward_tensor(q, key, value, **kwargs), dense_input=cross)
-            rec.put_layer_output(got[0], self.out_proj)
-            return got
-        return self._hat_forward_tensor(query, key, value, **kwargs)
+        return self._hat_dispatch(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                                  attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
 
-    def _hat_forward_tensor(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    def _hat_forward_payload(self, query: HATPayload, sel: Selection, key: Any, value: Any,
+                             **kwargs: Any) -> tuple[HATPayload, torch.Tensor | None]:
+        task, scale = sel
+        self._hat_record_link(query)
+        k = key.data if isinstance(key, HATPayload) else key
+        v = value.data if isinstance(value, HATPayload) else value
+        if is_per_sample(task):
+            out, weights = self._attend_per_task(query.data, k, v, task, scale, **kwargs)
+            unit_mask = self.out_proj._hat_mask_of(sel)
+            return query._derive(out, mask=None, unit_mask=unit_mask, unit_dim=-1, src=self.out_proj), weights
+        masks = (None, None) if task is None else (self._hat_mask_of(sel, True), self.out_proj._hat_mask_of(sel, True))
+        out, weights = self._attend(query.data, k, v, *masks, **kwargs)
+        return query._derive(out, mask=None, unit_mask=masks[1], unit_dim=-1, src=self.out_proj), weights
+
+    def _hat_record(self, rec: Any, query: Any, key: Any, value: Any, **kwargs: Any) -> Any:
+        cross = None if key is query and value is query else "keys and values from another tensor than the queries"
+        got = rec.call(self, query, lambda q: self._hat_forward_tensor(q, self._hat_selected(), key, value, **kwargs),
+                       dense_input=cross)
+        rec.put_layer_output(got[0], self.out_proj)
+        return got
+
+    def _hat_forward_tensor(self, query: torch.Tensor, sel: Selection, key: torch.Tensor, value: torch.Tensor,
                             **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if not torch.compiler.is_compiling():
-            task, scale = self._hat_selected()
-            if is_per_sample(task):
-                return self._attend_per_task(query, key, value, task, scale, **kwargs)
-        in_mask = self._hat_current_mask(mark=True)
-        out, weights = self._attend(query, key, value, in_mask, self.out_proj._hat_current_mask(mark=True), **kwargs)
-        if in_mask is None and not torch.compiler.is_compiling():  # no task: report the no-task slot
+        task, scale = sel
+        if is_per_sample(task):
+            return self._attend_per_task(query, key, value, task, scale, **kwargs)
+        in_mask = self._hat_mask_of(sel, mark=True)
+        out, weights = self._attend(query, key, value, in_mask, self.out_proj._hat_mask_of(sel, mark=True), **kwargs)
+        if task is None:  # no task: report the no-task slot
             out = self.out_proj._hat_mark(self._hat_mark(out, self.num_tasks), self.num_tasks)
         return out, weights
 
@@ -118,7 +120,8 @@ class HATMultiheadAttention(MaskedLayer, nn.MultiheadAttention):
         for t, index in task.groups(query.device):
             pick = [x.index_select(batch, index) for x in (query, key, value)]
             padding = None if key_padding_mask is None else key_padding_mask.index_select(0, index)
-            out, w = self._attend(*pick, _marked(self, t, scale), _marked(self.out_proj, t, scale),
+            one = Selection(t, scale)
+            out, w = self._attend(*pick, self._hat_mask_of(one, True), self.out_proj._hat_mask_of(one, True),
                                   key_padding_mask=padding, attn_mask=attn_mask, **kwargs)
             outs.append((index, out, w))
         shape = list(outs[0][1].shape)
@@ -154,8 +157,3 @@ class HATMultiheadAttention(MaskedLayer, nn.MultiheadAttention):
             out = out.transpose(0, 1)
         return out, weights
 
-
-def _marked(layer: Any, task: int, scale: float | None) -> torch.Tensor:
-    """``layer``'s mask of ``task``, reporting the task to its probe when grad is on."""
-    mask, marked = layer._hat_mask_marked(task, scale, True)
-    return mask if marked else layer._hat_mark(mask, task)

@@ -6,9 +6,9 @@ from typing import Any
 
 from torch import nn
 
-from hat._core import _check_config
 from hat.config import HATConfig
 from hat.modules._masked import MaskedLayer
+from hat.tracking.tracked import check_config
 
 __all__ = ["HATConv1d", "HATConv2d", "HATConv3d"]
 
@@ -26,7 +26,7 @@ class _HATConvNd(MaskedLayer):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, hat_config: HATConfig,
                  stride: Any = 1, padding: Any = 0, dilation: Any = 1, groups: int = 1, bias: bool = True,
                  padding_mode: str = "zeros", device: Any = None, dtype: Any = None) -> None:
-        _check_config(hat_config)
+        check_config(hat_config)
         self._hat_base.__init__(self, in_channels, out_channels, kernel_size, stride=stride, padding=padding,
                                 dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode,
                                 device=device, dtype=dtype)

@@ -9,14 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hat import _trace
 from hat._checks import check_task_id
-from hat._core import TaskTracked, _check_config, rows
-from hat._selection import grouped, is_per_sample
 from hat.config import HATConfig
 from hat.errors import HATTypeError
+from hat.modules._base import TaskModule
 from hat.modules._masked import MaskedLayer
 from hat.payload import HATPayload
+from hat.tracking.selection import grouped, is_per_sample
+from hat.tracking.tracked import Selection, check_config, rows
 
 __all__ = ["HATLinear", "TaskIndexedLinear"]
 
@@ -38,7 +38,7 @@ class HATLinear(MaskedLayer, nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, hat_config: HATConfig, bias: bool = True,
                  device: Any = None, dtype: Any = None) -> None:
-        _check_config(hat_config)
+        check_config(hat_config)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._hat_init_mask(hat_config, out_features, device, dtype)
 
@@ -46,7 +46,7 @@ class HATLinear(MaskedLayer, nn.Linear):
         return self.in_features
 
 
-class TaskIndexedLinear(TaskTracked, nn.Module):
+class TaskIndexedLinear(TaskModule, nn.Module):
     """One linear head per task, plus a head for "no task": ``y = x W[t]^T + b[t]``.
 
     ``weight`` is ``[num_tasks + 1, out_features, in_features]`` (the last row serves
@@ -75,26 +75,19 @@ class TaskIndexedLinear(TaskTracked, nn.Module):
             bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, input: Any) -> Any:
-        if isinstance(input, HATPayload):
-            task, _ = self._hat_begin(input)
-            y = self._heads(input.data, task)  # reports the slots to the probe
-            return input._derive(y, mask=None, unit_mask=None, unit_dim=-1, src=None)
-        rec = _trace.active()
-        if rec is not None:
-            return rec.call(self, input, self._hat_forward_tensor)
-        return self._hat_forward_tensor(input)
+    def _hat_forward_payload(self, payload: HATPayload, sel: Selection) -> HATPayload:
+        y = self._heads(payload.data, sel.task)  # reports the slots to the probe
+        return payload._derive(y, mask=None, unit_mask=None, unit_dim=-1, src=None)
 
-    def _hat_forward_tensor(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            return self._head(x, self.hat_task)
-        return self._heads(x, self._hat_state[0])
+    def _hat_forward_tensor(self, x: torch.Tensor, sel: Selection) -> torch.Tensor:
+        return self._heads(x, sel.task)
 
     def _heads(self, x: torch.Tensor, task: Any) -> torch.Tensor:
-        """The head of ``task`` (None: the no-task head; per-sample ids: each sample its task's)."""
+        """The head of ``task`` (None: the no-task head; per-sample ids: each sample its task's; in
+        compiled code the 0-d task buffer)."""
         if is_per_sample(task):
             return grouped(x, task, self._head)
-        return self._head(x, self._hat_slot(task))
+        return self._head(x, task if isinstance(task, torch.Tensor) else self._hat_slot(task))
 
     def _head(self, x: torch.Tensor, slot: Any) -> torch.Tensor:
         weight, bias = rows(self, slot, self.weight, self.bias)
@@ -136,7 +129,7 @@ class TaskIndexedLinear(TaskTracked, nn.Module):
 
 def _num_tasks_from(cls: type, hat_config: Any, num_tasks: Any) -> int:
     if hat_config is not None:
-        _check_config(hat_config)
+        check_config(hat_config)
         if num_tasks is not None and num_tasks != hat_config.num_tasks:
             raise HATTypeError(f"{cls.__name__}.from_base_module: num_tasks={num_tasks!r} disagrees with "
                                f"hat_config.num_tasks={hat_config.num_tasks}")

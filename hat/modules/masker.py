@@ -7,12 +7,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from hat import _trace
 from hat._checks import check_task_id
-from hat._core import HATMasked, _check_config
-from hat._selection import is_per_sample
 from hat.config import HATConfig
+from hat.modules._base import HATMasked
 from hat.payload import HATPayload, _along
+from hat.tracking.tracked import Selection, check_config
 
 __all__ = ["FixedMask", "HATMasker"]
 
@@ -30,34 +29,20 @@ class HATMasker(HATMasked, nn.Module):
         """Its mask is over its own input: no input link to learn."""
 
     def __init__(self, num_features: int, hat_config: HATConfig, device: Any = None, dtype: Any = None) -> None:
-        _check_config(hat_config)
+        check_config(hat_config)
         super().__init__()
         self.num_features = num_features
         self._hat_init_mask(hat_config, num_features, device, dtype)
 
-    def forward(self, input: Any) -> Any:
-        if isinstance(input, HATPayload):
-            task, scale = self._hat_begin(input)
-            if task is None:  # no task: nothing here trains, the input passes untouched
-                return input._derive(input.data, mask=None, unit_mask=None, unit_dim=-1, src=None)
-            return self._hat_masked_payload(input, input.data, task, scale)  # marks the probe
-        rec = _trace.active()
-        if rec is not None:
-            return rec.call(self, input, self._hat_forward_tensor)
-        return self._hat_forward_tensor(input)
+    def _hat_forward_payload(self, payload: HATPayload, sel: Selection) -> HATPayload:
+        if sel.task is None:  # no task: nothing here trains, the input passes untouched
+            return payload._derive(payload.data, mask=None, unit_mask=None, unit_dim=-1, src=None)
+        return self._hat_masked_payload(payload, payload.data, sel)  # marks the probe
 
-    def _hat_forward_tensor(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            x = self._hat_mark(x, self.hat_task)
-            return x * _along(self._hat_mask_tensor(self.hat_task, self.hat_scale), self.mask_dim, x.dim())
-        task, scale = self._hat_selected()
-        if task is None:  # no task: nothing here trains, the input passes untouched
+    def _hat_forward_tensor(self, x: torch.Tensor, sel: Selection) -> torch.Tensor:
+        if sel.task is None:  # no task: nothing here trains, the input passes untouched
             return x
-        if is_per_sample(task):
-            x = self._hat_mark(x, task.fits(x.shape[0]).ids.to(x.device))
-            return x * _along(self._hat_sample_masks(task, scale), self.mask_dim, x.dim())
-        mask, marked = self._hat_mask_marked(task, scale, True)
-        return (x if marked else self._hat_mark(x, task)) * _along(mask, self.mask_dim, x.dim())
+        return self._hat_apply_mask(x, sel)
 
     def to_base_module(self, task_id: Any = None, **kwargs: Any) -> nn.Module:
         """A fixed module multiplying by the hard mask of ``task_id`` (None: nn.Identity)."""

@@ -22,13 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hat import _trace
 from hat._checks import check_task_id
-from hat._core import HATMasked, TaskTracked, _row, forward_deviation, plain_children, rows, shallow_clone
-from hat._selection import grouped, is_per_sample
 from hat.config import HATConfig
 from hat.errors import HATTypeError, HATValueError
+from hat.masks.group import forward_deviation
+from hat.modules._base import HATMasked, TaskModule
 from hat.payload import HATPayload, _along
+from hat.tracking.selection import grouped, is_per_sample
+from hat.tracking.tracked import Selection, _row, plain_children, rows, shallow_clone
 
 __all__ = [
     "TaskIndexedBatchNorm1d",
@@ -48,13 +49,13 @@ def _num_tasks(num_tasks: Any) -> int:
     return HATConfig(num_tasks=num_tasks).num_tasks
 
 
-class _TaskIndexedNorm(TaskTracked, nn.Module):
+class _TaskIndexedNorm(TaskModule, nn.Module):
     """What every task-indexed norm shares: per-task rows, the masks of its input's units applied
     after it, norm-act children, conversion from and back to the module it replaced."""
 
     _hat_row_params = ("weight", "bias")
     # the units of the input along this norm's unit dimension, found by the trace of a converted
-    # model (``hat._units.UnitMap``); its mask is applied after the norm
+    # model (``hat.masks.units.UnitMap``); its mask is applied after the norm
     _hat_unit_map: Any = None
     _hat_base: ClassVar[type[nn.Module]]
 
@@ -94,17 +95,13 @@ class _TaskIndexedNorm(TaskTracked, nn.Module):
         gather = None if unit_map.identity_of() is not None else unit_map.gather_index().to(self.hat_trained.device)
         self.register_buffer("hat_unit_gather", gather, persistent=False)
 
-    def _hat_map_mask(self, mark: bool = False, task: int | None = None, scale: float | None = None,
-                      ) -> torch.Tensor | None:
-        """The current mask of the traced input units; with ``task``, that task's mask at ``scale``
-        (None: hard). ``mark``: the sources report the task to their probes."""
+    def _hat_map_mask(self, sel: Selection, mark: bool = False) -> torch.Tensor | None:
+        """The mask of the traced input units for selection ``sel`` (one task or the compiled
+        buffers). ``mark``: the sources report the task to their probes."""
         unit_map = self._hat_unit_map
         if unit_map is None:
             return None
-        if task is None:
-            masks = [s._hat_current_mask(mark) for s in unit_map.sources]
-        else:
-            masks = [s._hat_task_mask(task, scale, mark) for s in unit_map.sources]
+        masks = [s._hat_mask_of(sel, mark) for s in unit_map.sources]
         if self.hat_unit_gather is None:
             return masks[0]
         ref = masks[0]
@@ -135,45 +132,36 @@ class _TaskIndexedNorm(TaskTracked, nn.Module):
         return y
 
     # -- forward (LayerNorm, GroupNorm: masked before by the layers feeding them, and after) ------
-    def forward(self, input: Any) -> Any:
+    def _hat_forward_payload(self, payload: HATPayload, sel: Selection) -> HATPayload:
         """Statistics over several units (LayerNorm, GroupNorm): the input arrives with the units a
         task does not use at exact 0, so later tasks cannot move its statistics, and the mask is
         applied again after the norm. BatchNorm overrides this."""
-        if isinstance(input, HATPayload):
-            task, scale = self._hat_begin(input)
-            x = input.data  # masked before the norm
-            dim = self._hat_unit_dim(x.dim())
-            known = task is not None and dim is not None and input._unit_dim % x.dim() == dim
-            mask = input._unit_mask if known else None
-            if is_per_sample(task):  # each task's samples with its rows and its mask
-                def one(xs: torch.Tensor, t: int) -> torch.Tensor:
-                    m = input._src._hat_task_mask(t, scale) if known else None
-                    return self._hat_post_forward(self._normalize(xs, t, m), m)
-                y = grouped(x, task, one)
-            else:
-                y = self._hat_post_forward(self._normalize(x, self._hat_slot(task), mask), mask)  # reports the slot
-            return input._derive(y, mask=None, unit_mask=mask, unit_dim=-1 if dim is None else dim, src=input._src,
-                                 repeat=input._repeat)
-        rec = _trace.active()
-        if rec is not None:
-            return rec.call(self, input, self._hat_forward_tensor)
-        return self._hat_forward_tensor(input)
+        task, scale = sel
+        x = payload.data  # masked before the norm
+        dim = self._hat_unit_dim(x.dim())
+        known = task is not None and dim is not None and payload._unit_dim % x.dim() == dim
+        mask = payload._unit_mask if known else None
+        if is_per_sample(task):  # each task's samples with its rows and its mask
+            def one(xs: torch.Tensor, t: int) -> torch.Tensor:
+                m = payload._src._hat_mask_of(Selection(t, scale)) if known else None
+                return self._hat_post_forward(self._normalize(xs, t, m), m)
+            y = grouped(x, task, one)
+        else:
+            y = self._hat_post_forward(self._normalize(x, self._hat_slot(task), mask), mask)  # reports the slot
+        return payload._derive(y, mask=None, unit_mask=mask, unit_dim=-1 if dim is None else dim, src=payload._src,
+                               repeat=payload._repeat)
 
-    def _hat_forward_tensor(self, x: torch.Tensor) -> torch.Tensor:
+    def _hat_forward_tensor(self, x: torch.Tensor, sel: Selection) -> torch.Tensor:
         # the input arrives masked by the layers that feed it; the union of their masks is
         # applied again after the norm
-        if torch.compiler.is_compiling():
-            slot: Any = self.hat_task
-            mask = self._hat_map_mask()
-        else:
-            task, scale = self._hat_state
-            if is_per_sample(task):
-                def one(xs: torch.Tensor, t: int) -> torch.Tensor:
-                    m = self._hat_map_mask(task=t, scale=scale)
-                    return self._hat_post_forward(self._normalize(xs, t, m), m)
-                return grouped(x, task, one)
-            slot = self._hat_slot(task)
-            mask = None if task is None else self._hat_map_mask()
+        task, scale = sel
+        if is_per_sample(task):
+            def one(xs: torch.Tensor, t: int) -> torch.Tensor:
+                m = self._hat_map_mask(Selection(t, scale))
+                return self._hat_post_forward(self._normalize(xs, t, m), m)
+            return grouped(x, task, one)
+        slot = task if isinstance(task, torch.Tensor) else self._hat_slot(task)  # compiled: the 0-d buffer
+        mask = None if task is None else self._hat_map_mask(sel)
         return self._hat_post_forward(self._normalize(x, slot, mask), mask)
 
     def _normalize(self, x: torch.Tensor, slot: Any, mask: torch.Tensor | None) -> torch.Tensor:
@@ -229,7 +217,7 @@ class _TaskIndexedNorm(TaskTracked, nn.Module):
         norm was converted from, with the hard masks it applies folded into its affine."""
         task = check_task_id(task_id, self.num_tasks)
         slot = self._hat_slot(task)
-        mask = None if task is None else self._hat_map_mask(task=task)
+        mask = None if task is None else self._hat_map_mask(Selection(task, None))
         template = self.__dict__.get("_hat_template")
         if template is not None:
             plain = copy.deepcopy(template)
@@ -430,40 +418,36 @@ class _TaskIndexedBatchNorm(_TaskIndexedNorm):
             raise HATValueError(f"{type(self).__name__} expects a {dims}-d input; got {x.dim()}-d")
 
     # -- forward -------------------------------------------------------------------------------
-    def forward(self, input: Any) -> Any:
-        if isinstance(input, HATPayload):
-            task, scale = self._hat_begin(input)
-            known = input._unit_mask is not None and input._unit_dim % input._raw.dim() == 1
-            if is_per_sample(task):
-                return self._hat_payload_per_sample(input, task, scale, known)
-            slot = self._hat_slot(task)
-            mask = input._unit_mask if known and task is not None else None
-            # a pending mask need not be applied first: folded into the affine, it acts after BN;
-            # the layer that made it has reported the task already, through the mask or its output
-            folded = mask is not None and input._mask is not None
-            x = input._raw if folded else input.data
-            if isinstance(input._src, HATMasked) and "_hat_mask_config" not in self.__dict__:
-                self.__dict__["_hat_mask_config"] = input._src.hat_config  # the masks this norm's input went through
-            y = self._normalize(x, slot, mask, mark=not folded,
-                                deviation=self._forward_deviation(task, scale, input._src))
-            y = self._hat_post_forward(y, mask)
-            mask = input._unit_mask if known else None
-            return input._derive(y, mask=None, unit_mask=mask, unit_dim=1, src=input._src, repeat=input._repeat)
-        rec = _trace.active()
-        if rec is not None:
-            return rec.call(self, input, self._hat_forward_tensor)
-        return self._hat_forward_tensor(input)
+    def _hat_forward_payload(self, payload: HATPayload, sel: Selection) -> HATPayload:
+        task, scale = sel
+        known = payload._unit_mask is not None and payload._unit_dim % payload._raw.dim() == 1
+        if is_per_sample(task):
+            return self._hat_payload_per_sample(payload, task, scale, known)
+        slot = self._hat_slot(task)
+        mask = payload._unit_mask if known and task is not None else None
+        # a pending mask need not be applied first: folded into the affine, it acts after BN;
+        # the layer that made it has reported the task already, through the mask or its output
+        folded = mask is not None and payload._mask is not None
+        x = payload._raw if folded else payload.data
+        if isinstance(payload._src, HATMasked) and "_hat_mask_config" not in self.__dict__:
+            self.__dict__["_hat_mask_config"] = payload._src.hat_config  # the masks this norm's input went through
+        deviation = self._forward_deviation(task, scale, payload._src)
+        y = self._normalize(x, slot, mask, mark=not folded, deviation=deviation)
+        y = self._hat_post_forward(y, mask)
+        mask = payload._unit_mask if known else None
+        return payload._derive(y, mask=None, unit_mask=mask, unit_dim=1, src=payload._src, repeat=payload._repeat)
 
-    def _hat_forward_tensor(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            mask = self._hat_map_mask()
-            return self._hat_post_forward(self._normalize_compiled(x, self.hat_task, mask), mask)
-        task, scale = self._hat_state
+    def _hat_forward_tensor(self, x: torch.Tensor, sel: Selection) -> torch.Tensor:
+        # the layers feeding this norm may leave their masks (and their probes) to it
+        task, scale = sel
+        if isinstance(task, torch.Tensor):  # compiled code: the 0-d task buffer
+            mask = self._hat_map_mask(sel, mark=True)
+            return self._hat_post_forward(self._normalize_compiled(x, task, mask), mask)
         if is_per_sample(task):  # each task's samples: its rows, its statistics, its mask
             source = self._hat_unit_map.sources[0] if self._hat_unit_map is not None else None
 
             def one(xs: torch.Tensor, t: int) -> torch.Tensor:
-                m = self._hat_map_mask(mark=True, task=t, scale=scale)
+                m = self._hat_map_mask(Selection(t, scale), mark=True)
                 y = self._normalize(xs, t, m, mark=m is None, deviation=self._forward_deviation(t, scale, source))
                 return self._hat_post_forward(y, m)
             return grouped(x, task, one)
@@ -472,8 +456,7 @@ class _TaskIndexedBatchNorm(_TaskIndexedNorm):
         if task is None or unit_map is None:
             y = self._normalize(x, slot, None, deviation=self._forward_deviation(task, scale, None))
             return self._hat_post_forward(y, None)
-        # the layers feeding this norm leave their masks (and their probes) to it
-        mask = self._hat_map_mask(mark=True)
+        mask = self._hat_map_mask(sel, mark=True)
         sources = unit_map.sources
         y = self._normalize(x, slot, mask, mark=False,
                             deviation=self._forward_deviation(task, scale, sources[0] if sources else None))
@@ -486,7 +469,7 @@ class _TaskIndexedBatchNorm(_TaskIndexedNorm):
         x = input._raw if folded else input.data
 
         def one(xs: torch.Tensor, t: int) -> torch.Tensor:
-            m = input._src._hat_task_mask(t, scale) if known else None
+            m = input._src._hat_mask_of(Selection(t, scale)) if known else None
             y = self._normalize(xs, t, m, mark=not folded, deviation=self._forward_deviation(t, scale, input._src))
             return self._hat_post_forward(y, m)
 

@@ -9,10 +9,11 @@ import torch
 from torch import nn
 
 import hat
-from hat._core import HATMasked, TaskTracked, _check_config
 from hat.errors import HATTypeError, HATValueError
 from hat.modules import TaskIndexedLinear
+from hat.modules._base import HATMasked
 from hat.payload import HATPayload
+from hat.tracking.tracked import TaskTracked, check_config
 
 
 def require_config(name: str, hat_config: Any) -> Any:
@@ -20,7 +21,7 @@ def require_config(name: str, hat_config: Any) -> Any:
         raise HATTypeError(f"{name} needs a hat_config: timm.create_model({name!r}, "
                            "hat_config=hat.HATConfig(num_tasks=...), "
                            "...)")
-    return _check_config(hat_config)
+    return check_config(hat_config)
 
 
 class HATTimmModel:

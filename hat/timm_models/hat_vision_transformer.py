@@ -22,7 +22,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
-from hat._task_params import TaskParameters
+from hat.modules.task_params import TaskParameters
 from hat.timm_models._common import HATTimmModel, finish, key_check, plain_cfg, require_config
 
 __all__ = ["HATVisionTransformer"]

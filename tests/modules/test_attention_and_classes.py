@@ -24,7 +24,7 @@ from torchvision.models.vision_transformer import Encoder
 
 import hat
 from hat import HATConfig
-from hat._units import UnitMap
+from hat.masks.units import UnitMap
 from hat.modules import HATConv2d, HATLinear, HATMultiheadAttention
 
 from helpers import eval_logits, tensor_forward, train_task
@@ -101,7 +101,7 @@ def test_multihead_attention_keeps_task_0_exact_and_unconverts_to_torch_attentio
     for t in (0, 1):
         plain = hat.unconvert(model, t)
         assert type(plain.attn) is nn.MultiheadAttention
-        assert not hat._core.task_modules(plain)
+        assert not hat.tracking.tracked.task_modules(plain)
         plain.eval()
         with torch.no_grad():
             got = plain(probe)  # torch's fast path in eval: its own kernels, equal up to the last bits

@@ -675,7 +675,7 @@ def test_mark_trained_then_train_another_task(digit_tasks):
     probe = _probe(digit_tasks)
     hat.mark_trained(model, 0)
     assert hat.trained_tasks(model) == [0]
-    from hat._core import task_modules
+    from hat.tracking.tracked import task_modules
 
     assert all(bool(m.hat_trained[0]) and int(m.hat_trained.sum()) == 1 for m in task_modules(model))
     before = _state(model)

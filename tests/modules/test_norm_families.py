@@ -135,7 +135,7 @@ def test_each_norm_family_converts_keeps_task_0_exact_and_unconverts_to_its_own_
     for child in ("drop", "act"):
         if hasattr(original, child):
             assert type(getattr(back.norm, child)) is type(getattr(original, child))
-    assert not hat._core.task_modules(back)
+    assert not hat.tracking.tracked.task_modules(back)
     back.eval()
     with torch.no_grad():
         assert torch.equal(back(probe), task0)
@@ -224,7 +224,7 @@ def test_a_norm_with_an_unknown_child_is_a_type_error_naming_it_and_changes_noth
     after = dict(model.named_modules())
     assert after.keys() == before.keys()
     assert all(after[k] is before[k] for k in before)  # not one module swapped, not even the convs
-    assert type(model.conv) is nn.Conv2d and not hat._core.task_modules(model)
+    assert type(model.conv) is nn.Conv2d and not hat.tracking.tracked.task_modules(model)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert not model._forward_pre_hooks  # nor a hook installed on the root
 

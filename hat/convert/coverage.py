@@ -14,8 +14,9 @@ from typing import Literal, NamedTuple
 
 from torch import nn
 
-from hat._core import HATMasked, TaskTracked
-from hat._units import MODEL_INPUT
+from hat.masks.units import MODEL_INPUT
+from hat.modules._base import HATMasked
+from hat.tracking.tracked import TaskTracked
 
 __all__ = ["LayerCoverage", "coverage", "warn"]
 

@@ -21,16 +21,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from hat import _coverage, _statistics, _trace
 from hat._checks import check_mask_scale, check_task_id
-from hat._core import TaskTracked, _check_config, task_modules
-from hat._mapping import DEFAULT_MAPPING, default_mapping
-from hat._selection import check_selection
-from hat._task_params import candidates
 from hat.config import HATConfig
+from hat.convert import coverage as _coverage
+from hat.convert import statistics as _statistics
+from hat.convert import trace as _trace
+from hat.convert.mapping import DEFAULT_MAPPING, default_mapping
 from hat.errors import HATTypeError, HATValueError
 from hat.modules import TaskIndexedLinear
 from hat.modules._generated import make_task_parameters
+from hat.modules.task_params import candidates
+from hat.tracking.selection import check_selection
+from hat.tracking.tracked import TaskTracked, check_config, task_modules
 
 __all__ = ["DEFAULT_MAPPING", "convert", "set_task", "task", "unconvert"]
 
@@ -63,7 +65,7 @@ def set_task(model: nn.Module, task_id: Any, mask_scale: Any = None) -> None:
     mask, for evaluation) for every HAT layer of ``model``.
 
     ``task_id`` may also be a 1-D integer tensor with one task id per sample of the next batches
-    (``hat._selection``): each sample is computed as its task alone would be, and training such
+    (``hat.tracking.selection``): each sample is computed as its task alone would be, and training such
     a batch trains every task present (eager mode; compiled forwards take one task).
 
     Training needs a scale: anneal it per batch (``hat.utils.get_hat_mask_scale``) and call
@@ -199,7 +201,7 @@ def convert(model: nn.Module, hat_config: HATConfig, *, include: Pattern = None,
     """Turn a plain model into a HAT model in place; its forward still takes and returns tensors.
 
     Modules of exactly the mapped types (default: nn.Linear, nn.Conv1d/2d/3d, the torch norms, and
-    timm's and torchvision's layer families, see ``hat._mapping``) become HAT layers / task-indexed
+    timm's and torchvision's layer families, see ``hat.convert.mapping``) become HAT layers / task-indexed
     norms keeping every weight, buffer and Parameter object. The parameters other modules hold
     themselves (class tokens, position embeddings, layer scales) get one row per task.
     ``classifier="auto"`` turns the classifier (timm's
@@ -216,7 +218,7 @@ def convert(model: nn.Module, hat_config: HATConfig, *, include: Pattern = None,
     # -- check the arguments ------------------------------------------------------------------
     _check_wrapped(model, "convert")
     _check_module(model, "convert")
-    _check_config(hat_config)
+    check_config(hat_config)
     if task_modules(model):
         raise HATValueError(f"convert: {type(model).__name__} already has HAT or task-indexed layers; convert a plain "
                             "model once (to change tasks use hat.set_task)")

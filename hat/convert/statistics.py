@@ -27,8 +27,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from hat._selection import check_selection, is_per_sample
 from hat.payload import HATPayload
+from hat.tracking.selection import check_selection, is_per_sample
 
 __all__ = ["before_call"]
 
@@ -165,7 +165,7 @@ def refresh_pending(root: nn.Module) -> None:
 
 
 def _refresh(root: nn.Module, norms: list[nn.Module], pending: _Pending) -> None:
-    from hat._core import task_modules
+    from hat.tracking.tracked import task_modules
 
     modules = task_modules(root)
     selections = [(m, m._hat_state) for m in modules]

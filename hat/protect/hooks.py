@@ -26,31 +26,31 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from hat._checks import check_task_id
-from hat._core import _MASK_GENERATION, HATMasked, TaskTracked, live_modules, on_first_module, task_modules
+from hat._runtime import RUNTIME
 from hat.errors import HATValueError
+from hat.modules._base import HATMasked
+from hat.tracking.tracked import TaskTracked, live_modules, on_first_module, task_modules
 
 __all__ = ["condition_gradients", "install", "mark_trained", "trained_tasks"]
 
-# id(plain parameter) -> (weakref to it, per task: did it train it). Keyed by id:
-# tensors compare elementwise, so they cannot be dictionary keys themselves.
-_PLAIN_USED: dict[int, tuple[weakref.ref, list[bool]]] = {}
-
-
 def _plain_used(p: torch.Tensor) -> list[bool] | None:
-    entry = _PLAIN_USED.get(id(p))
+    """Per task: did it train plain parameter ``p`` (None: none has)."""
+    entry = RUNTIME.plain_used.get(id(p))  # keyed by id: tensors compare elementwise
     return entry[1] if entry is not None and entry[0]() is p else None
 
 
 def _set_plain_used(p: torch.Tensor, used: list[bool]) -> None:
+    table = RUNTIME.plain_used
     key = id(p)
-    _PLAIN_USED[key] = (weakref.ref(p, lambda _r, _k=key: _PLAIN_USED.pop(_k, None)), used)
+    table[key] = (weakref.ref(p, lambda _r, _k=key: table.pop(_k, None)), used)
 
 
 @dataclass
 class _Protection:
     """What one step protects for one combination of training and protected tasks: the
     parameters, their snapshot buffers and masks. Built once and reused for every step of a task
-    (rebuilt when ``_MASK_GENERATION`` moves), so that a step costs no Python per parameter."""
+    (rebuilt when the cache generation of one of its modules moves), so that a step costs no
+    Python per parameter."""
 
     whole: list[torch.Tensor] = field(default_factory=list)  # parameters restored whole
     whole_saved: list[torch.Tensor] = field(default_factory=list)
@@ -85,10 +85,18 @@ class _Plan:
     plain: list[nn.Parameter]
     in_optimizer: set[int]
     protections: dict[Any, _Protection] = field(default_factory=dict)
+    seen: int = -1  # RUNTIME.generation when the generations below were read
+    generations: tuple[Any, ...] = ()  # its modules' cache generations
 
     def protection(self, optimizer: Any, training: dict[int, set[int]],
                    protected: dict[int, frozenset[int]]) -> _Protection:
-        key = (_MASK_GENERATION[0], tuple((n, frozenset(training[n]), protected[n]) for n in sorted(training)))
+        if self.seen != RUNTIME.generation:  # some module's caches moved: were they this plan's?
+            self.seen = RUNTIME.generation
+            generations = tuple(m._hat_cache_generation() for m in self.modules)
+            if generations != self.generations:
+                self.generations = generations
+                self.protections.clear()
+        key = tuple((n, frozenset(training[n]), protected[n]) for n in sorted(training))
         got = self.protections.get(key)
         if got is None:
             if len(self.protections) > 16:
@@ -151,16 +159,12 @@ class _Pending:
             torch._foreach_lerp_(pr.part, pr.part_saved, pr.part_protect)
 
 
-_PLANS: weakref.WeakKeyDictionary[Any, _Plan] = weakref.WeakKeyDictionary()
-_PENDING: weakref.WeakKeyDictionary[Any, _Pending] = weakref.WeakKeyDictionary()
-# optimizer -> id(parameter) -> snapshot buffer reused every step
-_BUFFERS: weakref.WeakKeyDictionary[Any, dict[int, torch.Tensor]] = weakref.WeakKeyDictionary()
 
 
 def _plan(optimizer: torch.optim.Optimizer) -> _Plan:
     params = [p for group in optimizer.param_groups for p in group["params"]]
     key = tuple(id(p) for p in params)
-    plan = _PLANS.get(optimizer)
+    plan = RUNTIME.plans.get(optimizer)
     if plan is not None and plan.key == key:
         return plan
     owners: dict[int, TaskTracked] = {}
@@ -179,12 +183,12 @@ def _plan(optimizer: torch.optim.Optimizer) -> _Plan:
             seen.add(id(owner))
             modules.append(owner)
     plan = _Plan(key, modules, plain if modules else [], set(key))
-    _PLANS[optimizer] = plan
+    RUNTIME.plans[optimizer] = plan
     return plan
 
 
 def _pre_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    _PENDING.pop(optimizer, None)
+    RUNTIME.pending.pop(optimizer, None)
     plan = _plan(optimizer)
     if not plan.modules:
         return
@@ -192,7 +196,7 @@ def _pre_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     newly = {id(m): sorted(t for t in training[m.num_tasks] - m._hat_trained_set() if t < m.num_tasks)
              for m in plan.modules}
     pending = _Pending(plan.modules, newly, plan.protection(optimizer, training, protected))
-    _PENDING[optimizer] = pending
+    RUNTIME.pending[optimizer] = pending
     if plan.plain:
         n = max(training)
         if training[n] != {n}:
@@ -247,7 +251,7 @@ def _read_latest(modules: list[TaskTracked]) -> None:
 def _buffer(optimizer: Any, p: torch.Tensor) -> torch.Tensor:
     """A snapshot buffer for ``p``, kept across steps: allocating megabytes every step costs
     page faults that show in the step time."""
-    buffers = _BUFFERS.setdefault(optimizer, {})
+    buffers = RUNTIME.buffers.setdefault(optimizer, {})
     buf = buffers.get(id(p))
     if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
         buf = buffers[id(p)] = torch.empty_like(p, memory_format=torch.contiguous_format)
@@ -273,8 +277,8 @@ def _protect_plain(optimizer: Any, plain: list[nn.Parameter], num_tasks: int, no
         has_grad = bool(now) and p.grad is not None and bool(p.grad.any())
         if used is not None and any(used[t] for t in protected):
             pending.add_whole(optimizer, p)
-            if has_grad and id(p) not in _WARNED_BLOCKED:
-                _WARNED_BLOCKED.add(id(p))
+            if has_grad and id(p) not in RUNTIME.warned_blocked:
+                RUNTIME.warned_blocked.add(id(p))
                 blocked.append(p)
         if has_grad:
             if used is None:
@@ -301,7 +305,6 @@ def _protect_plain(optimizer: Any, plain: list[nn.Parameter], num_tasks: int, no
 
 
 # plain parameters (by id) already warned about, so that a warning comes once
-_WARNED_BLOCKED: set[int] = set()
 
 
 def _shapes(params: list[nn.Parameter]) -> str:
@@ -309,7 +312,7 @@ def _shapes(params: list[nn.Parameter]) -> str:
 
 
 def _post_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    pending = _PENDING.pop(optimizer, None)
+    pending = RUNTIME.pending.pop(optimizer, None)
     if pending is None:
         return
     with torch.no_grad():

@@ -29,7 +29,7 @@ DEFAULT_LR = {"adamw": 1e-3, "adam": 1e-3, "sgd": 0.05}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hat.experiment import METHODS, MODELS, OPTIMIZERS
+    from hat.app.experiment import METHODS, MODELS, OPTIMIZERS
 
     parser = argparse.ArgumentParser(prog="python -m hat",
                                      description="HAT (Hard Attention to the Task) continual learning.")
@@ -100,8 +100,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     import torch
 
-    from hat import _checkpoint
-    from hat.experiment import (
+    from hat.app import checkpoint as _checkpoint
+    from hat.app.experiment import (
         average_accuracy,
         backward_transfer,
         build_model,
@@ -173,7 +173,7 @@ _RESUMABLE = {"command", "out", "resume", "checkpoint_every", "stop_after", "com
 
 
 def _check_same_settings(saved: dict[str, Any], now: dict[str, Any]) -> None:
-    from hat._checkpoint import CheckpointError
+    from hat.app.checkpoint import CheckpointError
 
     differ = [f"{k}={saved.get(k)!r} (now {now.get(k)!r})" for k in sorted(set(saved) | set(now))
               if k not in _RESUMABLE and saved.get(k) != now.get(k)]
@@ -231,8 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import json
     from pathlib import Path
 
-    from hat._checkpoint import CheckpointError
-    from hat.experiment import DataNotFoundError
+    from hat.app.checkpoint import CheckpointError
+    from hat.app.experiment import DataNotFoundError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -260,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tmp = out / "results.json.tmp"
             tmp.write_text(json.dumps(payload, indent=2) + "\n")
             tmp.replace(out / "results.json")  # atomic: a reader never sees half a file
-            from hat import _plots
+            from hat.app import plots as _plots
 
             _plots.accuracy_matrix(results[0], out / "accuracy_matrix.png")
             if results[0]["capacity"]:
@@ -282,7 +282,7 @@ def _fixed(value: float, digits: int) -> str:
 
 
 def _model_name(text: str) -> str:
-    from hat.experiment import MODELS, timm_model_names
+    from hat.app.experiment import MODELS, timm_model_names
 
     if text in MODELS or (text.startswith("hat_") and text in timm_model_names()):
         return text

@@ -34,7 +34,6 @@ part of what earlier tasks computed, and stays.
 
 from __future__ import annotations
 
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -43,15 +42,10 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from hat import _units
+from hat.masks import units as _units
+from hat.tracking.recording import RECORDER
 
-_ACTIVE: ContextVar[_Recorder | None] = ContextVar("hat_trace", default=None)
-
-
-def active() -> _Recorder | None:
-    """The recording under way, if any (a compiled forward never records: the trace runs eagerly
-    before it, so compiled code does not read the variable)."""
-    return None if torch.compiler.is_compiling() else _ACTIVE.get()
+_ACTIVE = RECORDER  # set while a recording forward runs; the layers read it through ``active()``
 
 
 @dataclass(frozen=True, eq=False)
@@ -655,7 +649,7 @@ def maybe_trace(root: nn.Module, args: tuple, kwargs: dict) -> bool:
 
 
 def _trace(root: nn.Module, args: tuple, kwargs: dict) -> bool:
-    from hat._core import task_modules
+    from hat.tracking.tracked import task_modules
 
     modules = task_modules(root)
     if not modules or any("_hat_link_key" in m.__dict__ for m in modules):
@@ -689,7 +683,7 @@ def _norm_map(m: Any, seen: list[tuple[_Units, int]]) -> _units.UnitMap | None:
 
 def _record(root: nn.Module, args: tuple, kwargs: dict, modules: list, dense_norms: set) -> _Recorder:
     """One recording forward (evaluation mode, no grad)."""
-    from hat._core import HATMasked
+    from hat.modules._base import HATMasked
     from hat.payload import HATPayload
 
     rec = _Recorder()
@@ -734,7 +728,7 @@ def _unit_map(u: _Units, ndim: int, dim: int | None, size: int, num_tasks: int) 
 
 
 def _apply_record(rec: _Recorder, root: nn.Module) -> None:
-    from hat._core import TaskTracked
+    from hat.tracking.tracked import TaskTracked
 
     for m, op in rec.read_directly.items():
         m.__dict__["_hat_read_directly"] = op

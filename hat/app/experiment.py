@@ -3,7 +3,7 @@
 The library side of ``python -m hat run``; usable on its own::
 
     import torch
-    from hat.experiment import (average_accuracy, backward_transfer, build_model, build_optimizer, run_sequence,
+    from hat.app.experiment import (average_accuracy, backward_transfer, build_model, build_optimizer, run_sequence,
                                 split_digits)
 
     tasks = split_digits(num_tasks=5, seed=0)
@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hat._convert import _ensure_root_hook
 from hat.config import HATConfig
+from hat.convert.api import _ensure_root_hook
 from hat.errors import HATValueError
 from hat.modules import HATConv2d, HATLinear, TaskIndexedBatchNorm2d, TaskIndexedLinear
 from hat.payload import HATPayload
@@ -459,7 +459,7 @@ def forgetting(matrix: Sequence[Sequence[float]]) -> float:
 
 def capacity(model: nn.Module) -> dict[str, tuple[int, int]]:
     """Per masked layer: (units switched on for some trained task, units); HAT's capacity use."""
-    from hat._core import HATMasked
+    from hat.modules._base import HATMasked
 
     out = {}
     for name, m in model.named_modules():

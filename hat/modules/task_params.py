@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from hat._checks import check_task_id
-from hat._core import TaskTracked, rows
-from hat._selection import is_per_sample
 from hat.errors import HATTypeError
+from hat.tracking.selection import is_per_sample
+from hat.tracking.tracked import TaskTracked, rows
 
 __all__ = ["MAX_ENTRIES", "TaskParameters", "candidates"]
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from hat._checks import check_task_id
 from hat.config import HATConfig
+from hat.errors import HATTypeError
 from hat.masks import units as _units
 from hat.masks.gate import flush, soft_or_hard
 from hat.masks.group import group_of
@@ -37,6 +38,12 @@ _FED_FROM_MANY = "fed from different layers in different calls"
 
 class TaskModule(TaskTracked):
     """A task-aware layer whose forward is the shared dispatcher."""
+
+    @torch.compiler.disable
+    def _hat_eager(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        """The eager tensor forward, called from compiled code (a graph break): for layers whose
+        per-sample path groups samples by task, which a graph cannot do without knowing the ids."""
+        return self._hat_forward_tensor(x, self._hat_state, *args, **kwargs)
 
     def forward(self, input: Any, *args: Any, **kwargs: Any) -> Any:
         return self._hat_dispatch(input, *args, **kwargs)
@@ -149,24 +156,27 @@ class HATMasked(TaskModule):
         """The mask for a task and scale held in 0-d tensors (``hat_task``, ``hat_scale``): no Python
         branch on their values, so torch.compile traces it once for every task and scale. Slot
         ``num_tasks`` ("no task") gives ones; scale 0 the hard mask."""
-        last = self.num_tasks - 1
-        e = self.task_embedding.index_select(0, task.clamp(max=last).view(1)).squeeze(0)
+        per_sample = task.dim() == 1  # per-sample ids (all tasks): ``[batch, units]``
+        index = task if per_sample else task.clamp(max=self.num_tasks - 1).view(1)
+        e = self.task_embedding.index_select(0, index)
+        e = e if per_sample else e.squeeze(0)
         hard = (e > 0).to(e.dtype)
         if e.requires_grad and torch.is_grad_enabled():
             soft = soft_or_hard(self.hat_config, e, scale)
         else:
             soft = flush(self.hat_config.gate(scale * e))
         mask = torch.where(scale > 0, soft, hard)
-        return torch.where(task < self.num_tasks, mask, torch.ones_like(mask))
+        return mask if per_sample else torch.where(task < self.num_tasks, mask, torch.ones_like(mask))
 
     def _hat_apply_mask(self, y: torch.Tensor, sel: Selection) -> torch.Tensor:
         """``y`` times the mask of ``sel`` along ``mask_dim``, the task reported to the probe (no
         task: ``y`` itself, reported as the no-task slot)."""
-        if is_per_sample(sel.task):
-            sel.task.fits(y.shape[0])
         mask, marked = self._hat_masks(sel, mark=True)
         if mask is None:
             return self._hat_mark(y, self.num_tasks)
+        if mask.dim() == 2 and mask.shape[0] != y.shape[0]:  # per-sample ids (a static shape check when compiled)
+            raise HATTypeError(f"task_id holds {mask.shape[0]} per-sample ids for a batch of {y.shape[0]} samples; "
+                               "select one id per sample (hat.set_task(model, ids) before each batch)")
         if not marked:
             y = self._hat_mark(y, sel.task)
         return y * _along(mask, self.mask_dim, y.dim())

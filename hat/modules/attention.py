@@ -100,6 +100,8 @@ class HATMultiheadAttention(MaskedLayer, nn.MultiheadAttention):
         task, scale = sel
         if is_per_sample(task):
             return self._attend_per_task(query, key, value, task, scale, **kwargs)
+        if isinstance(task, torch.Tensor) and task.dim() == 1:  # per-sample ids, compiled: per task, eagerly
+            return self._hat_eager(query, key, value, **kwargs)
         in_mask = self._hat_mask_of(sel, mark=True)
         out, weights = self._attend(query, key, value, in_mask, self.out_proj._hat_mask_of(sel, mark=True), **kwargs)
         if task is None:  # no task: report the no-task slot

@@ -91,6 +91,9 @@ class TaskIndexedLinear(TaskModule, nn.Module):
 
     def _head(self, x: torch.Tensor, slot: Any) -> torch.Tensor:
         weight, bias = rows(self, slot, self.weight, self.bias)
+        if weight.dim() == 3:  # per-sample ids in compiled code: each sample's head, gathered
+            y = torch.einsum("b...i,boi->b...o", x, weight)
+            return y if bias is None else y + bias.view(bias.shape[0], *([1] * (x.dim() - 2)), -1)
         return F.linear(x, weight, bias)
 
     def extra_repr(self) -> str:

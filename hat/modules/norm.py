@@ -105,6 +105,10 @@ class _TaskIndexedNorm(TaskModule, nn.Module):
         if self.hat_unit_gather is None:
             return masks[0]
         ref = masks[0]
+        if ref.dim() == 2:  # per sample, ``[batch, units]``: gathered along the units
+            lead = ref.shape[0]
+            gathered = torch.cat([*masks, ref.new_ones(lead, 1), ref.new_zeros(lead, 1)], 1)[:, self.hat_unit_gather]
+            return gathered.amax(1) if gathered.dim() > 2 else gathered
         gathered = torch.cat([*masks, ref.new_ones(1), ref.new_zeros(1)])[self.hat_unit_gather]
         return gathered.amax(0) if gathered.dim() > 1 else gathered
 
@@ -440,7 +444,7 @@ class _TaskIndexedBatchNorm(_TaskIndexedNorm):
     def _hat_forward_tensor(self, x: torch.Tensor, sel: Selection) -> torch.Tensor:
         # the layers feeding this norm may leave their masks (and their probes) to it
         task, scale = sel
-        if isinstance(task, torch.Tensor):  # compiled code: the 0-d task buffer
+        if isinstance(task, torch.Tensor):  # compiled code: the 0-d task buffer, or per-sample ids
             mask = self._hat_map_mask(sel, mark=True)
             return self._hat_post_forward(self._normalize_compiled(x, task, mask), mask)
         if is_per_sample(task):  # each task's samples: its rows, its statistics, its mask
@@ -479,8 +483,11 @@ class _TaskIndexedBatchNorm(_TaskIndexedNorm):
 
     def _normalize_compiled(self, x: torch.Tensor, slot: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """``_normalize`` for a slot held in a 0-d tensor: the running statistics of the row are
-        updated with index ops (a tensor index gives no view to update in place)."""
+        updated with index ops (a tensor index gives no view to update in place). A 1-d slot holds
+        per-sample ids: ``_normalize_per_sample``."""
         self._check_input_dim(x)
+        if slot.dim() == 1:
+            return self._normalize_per_sample(x, slot, mask)
         idx = slot.view(1)
         shape = [1, -1] + [1] * (x.dim() - 2)
         weight = bias = None
@@ -513,6 +520,51 @@ class _TaskIndexedBatchNorm(_TaskIndexedNorm):
             if weight is not None:
                 return y
         return y if mask is None else y * mask.view(shape)
+
+    def _normalize_per_sample(self, x: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Each sample normalized as in a batch of its task alone, with no Python branch on the ids
+        (compiled code): per-task batch statistics by one-hot sums over the batch (training), or
+        each sample's task's running statistics (evaluation); each sample's affine row and mask."""
+        if ids.shape[0] != x.shape[0]:
+            raise HATTypeError(f"task_id holds {ids.shape[0]} per-sample ids for a batch of {x.shape[0]} samples; "
+                               "select one id per sample (hat.set_task(model, ids) before each batch)")
+        shape = [x.shape[0], -1] + [1] * (x.dim() - 2)
+        dims = list(range(2, x.dim()))
+        if self.training or not self.track_running_stats:
+            slots = self.running_mean.shape[0] if self.running_mean is not None else self.num_tasks + 1
+            hot = F.one_hot(ids, slots).to(x.dtype)  # [batch, slots]
+            per_unit = x[0, 0].numel()  # values per sample and unit
+            count = hot.sum(0) * per_unit  # [slots]
+            total = count.clamp_min(1).unsqueeze(1)
+            mean = hot.t() @ (x.sum(dims) if dims else x) / total  # [slots, units]
+            centered = x - mean.index_select(0, ids).view(shape)
+            sq = centered * centered
+            var = hot.t() @ (sq.sum(dims) if dims else sq) / total
+            y = centered * torch.rsqrt(var.index_select(0, ids) + self.eps).view(shape)
+            if self.training and self.track_running_stats:
+                with torch.no_grad():
+                    present = count > 0
+                    self.num_batches_tracked.add_(present.to(self.num_batches_tracked.dtype))
+                    if self.momentum is None:
+                        f = (1.0 / self.num_batches_tracked.clamp_min(1).to(mean.dtype)).unsqueeze(1)
+                    else:
+                        f = self.momentum
+                    unbiased = var * (count / (count - 1).clamp_min(1)).unsqueeze(1)
+                    keep = present.unsqueeze(1)
+                    self.running_mean.copy_(torch.where(keep, self.running_mean * (1 - f) + mean * f,
+                                                        self.running_mean))
+                    self.running_var.copy_(torch.where(keep, self.running_var * (1 - f) + unbiased * f,
+                                                       self.running_var))
+        else:
+            mean = self.running_mean.index_select(0, ids).view(shape)
+            y = (x - mean) * torch.rsqrt(self.running_var.index_select(0, ids).view(shape) + self.eps)
+        if self.affine:
+            weight, bias = rows(self, ids, self.weight, self.bias)  # [batch, units] each; reports the ids
+            if mask is not None:
+                weight, bias = weight * mask, bias * mask
+            return y * weight.view(shape) + bias.view(shape)
+        y = self._hat_mark(y, ids)
+        return y if mask is None else y * _along(mask, 1, y.dim())
 
     def _normalize(self, x: torch.Tensor, slot: int, mask: torch.Tensor | None, mark: bool = True,
                    deviation: float | None = None) -> torch.Tensor:
@@ -648,6 +700,14 @@ class TaskIndexedLayerNorm(_TaskIndexedNorm):
             weight = weight * mask  # ... and after the norm, folded into the affine
             bias = None if bias is None else bias * mask
             mask = None
+        if weight is not None and weight.dim() > len(self.normalized_shape):  # per-sample rows (compiled code)
+            return _per_sample_affine(F.layer_norm(x, self.normalized_shape, None, None, self.eps), weight, bias,
+                                      mask, -len(self.normalized_shape))
+        if isinstance(slot, torch.Tensor) and slot.dim() == 1 and weight is None:
+            x = self._hat_mark(x, slot)
+            if mask is not None and mask.dim() == 2:
+                return _per_sample_affine(F.layer_norm(x, self.normalized_shape, None, None, self.eps), None, None,
+                                          mask, -1)
         y = F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
         return y if mask is None else y * mask
 
@@ -722,10 +782,28 @@ class TaskIndexedGroupNorm(_TaskIndexedNorm):
 
     def _normalize(self, x: torch.Tensor, slot: Any, mask: torch.Tensor | None) -> torch.Tensor:
         weight, bias = rows(self, slot, self.weight, self.bias)
+        if weight is None and isinstance(slot, torch.Tensor) and slot.dim() == 1:
+            x = self._hat_mark(x, slot)
         if mask is not None:  # after the norm, folded into the affine (the mask itself without one)
             weight, bias = (mask, torch.zeros_like(mask)) if weight is None else (weight * mask, bias * mask)
+        if weight is not None and weight.dim() == 2:  # per-sample rows (compiled code)
+            return _per_sample_affine(F.group_norm(x, self.num_groups, None, None, self.eps), weight, bias, None, 1)
         return F.group_norm(x, self.num_groups, weight, bias, self.eps)
 
     def extra_repr(self) -> str:
         return (f"num_tasks={self.num_tasks}, num_groups={self.num_groups}, num_channels={self.num_channels}, "
                 f"eps={self.eps}, affine={self.affine}")
+
+
+def _per_sample_affine(y: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                       mask: torch.Tensor | None, dim: int) -> torch.Tensor:
+    """``y * weight + bias`` (then ``* mask``) with one row per sample (``[batch, *units]``), the
+    units along ``dim`` of ``y`` (and the dimensions after it, for a LayerNorm's trailing shape)."""
+    ref = weight if weight is not None else mask
+    lead = dim % y.dim()
+    shape = [ref.shape[0], *([1] * (lead - 1)), *ref.shape[1:]]
+    shape += [1] * (y.dim() - len(shape))
+    if weight is not None:
+        y = y * weight.view(shape) + (0 if bias is None else bias.view(shape))
+    return y if mask is None else y * mask.view(shape)
+

@@ -39,16 +39,19 @@ class TaskParameters(TaskTracked):
         if p is None:
             return None
         if torch.compiler.is_compiling():
-            return rows(self, self.hat_task, p)[0]
-        task = self._hat_state[0]
-        if is_per_sample(task):  # a token [1, ...] per sample: [batch, ...]
+            task: Any = self.hat_ids if self._hat_per_sample else self.hat_task
+        else:
+            task = self._hat_state[0]
+        if (isinstance(task, torch.Tensor) and task.dim() == 1) or is_per_sample(task):
+            # a token [1, ...] per sample: [batch, ...]
             if p.shape[1] != 1:
                 raise HATTypeError(
                     f"per-sample task ids: {type(self).__name__}.{name} of shape {tuple(p.shape[1:])} is per task but "
                     "not a token (a leading dimension of 1) that can be taken per sample; select one task at a time")
-            ids = task.ids.to(p.device)
+            ids = task if isinstance(task, torch.Tensor) else task.ids.to(p.device)
             return self._hat_mark(p.index_select(0, ids).flatten(0, 1), ids)
-        return rows(self, self._hat_slot(task), p)[0]  # reports the slot to the probe: the task trained here
+        slot = task if isinstance(task, torch.Tensor) else self._hat_slot(task)
+        return rows(self, slot, p)[0]  # reports the slot to the probe: the task trained here
 
     def to_base_module(self, task_id: Any = None, **kwargs: Any) -> nn.Module:
         """This module, of the class it had before conversion, with ``task_id``'s rows (None: the

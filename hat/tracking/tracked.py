@@ -68,8 +68,11 @@ class Selection(NamedTuple):
 
 
 def _row(param: torch.Tensor, slot: Any) -> torch.Tensor:
-    """Row ``slot`` of a task-indexed tensor; ``slot`` an int or a 0-d tensor (torch.compile)."""
+    """Row ``slot`` of a task-indexed tensor; ``slot`` an int or a 0-d tensor (torch.compile); a
+    1-d tensor of per-sample ids gives one row per sample."""
     if isinstance(slot, torch.Tensor):
+        if slot.dim() == 1:
+            return param.index_select(0, slot)
         return param.index_select(0, slot.view(1)).squeeze(0)
     return param[slot]
 
@@ -153,6 +156,7 @@ class TaskTracked:
     _hat_takes_payload: ClassVar[bool] = True
     # a training forward with grad needs a mask scale (a mask of its own: the hard one has no gradient)
     _hat_needs_soft_mask: ClassVar[bool] = False
+    _hat_per_sample = False  # whether hat.set_task selected per-sample ids (compiled forwards read hat_ids)
 
     def _hat_init_tracking(self, num_tasks: int, device: Any = None) -> None:
         self.num_tasks = num_tasks
@@ -162,6 +166,9 @@ class TaskTracked:
         # not recompile when they change); slot num_tasks is "no task", scale 0 the hard mask
         self.register_buffer("hat_task", torch.tensor(num_tasks, device=device), persistent=False)
         self.register_buffer("hat_scale", torch.tensor(0.0, device=device), persistent=False)
+        # per-sample ids selected by hat.set_task, for compiled forwards (``_hat_per_sample`` says
+        # which of hat_task and hat_ids they read: one graph for each, none per value)
+        self.register_buffer("hat_ids", torch.zeros(0, dtype=torch.long, device=device), persistent=False)
         self.__dict__["_hat_state"] = Selection(None, None)  # the same selection as Python values, for eager forwards
         self.__dict__["_hat_step"] = _StepState()
         RUNTIME.new_module(self)
@@ -215,7 +222,7 @@ class TaskTracked:
         plain = shallow_clone(self, self._hat_base)
         plain_children(plain, task_id)
         plain._parameters.pop("task_embedding", None)
-        for name in ("hat_trained", "hat_task", "hat_scale"):
+        for name in ("hat_trained", "hat_task", "hat_scale", "hat_ids"):
             plain._buffers.pop(name, None)
             plain._non_persistent_buffers_set.discard(name)
         for key in [k for k in plain.__dict__ if k.startswith("_hat_") or k in ("hat_config", "num_tasks")]:
@@ -232,6 +239,9 @@ class TaskTracked:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # type: ignore[misc]
+        if "hat_ids" not in self._buffers:  # pickled by an earlier release
+            self.register_buffer("hat_ids", torch.zeros(0, dtype=torch.long, device=self.hat_task.device),
+                                 persistent=False)
         self.__dict__["_hat_step"] = _StepState()
         RUNTIME.new_module(self)
         self._hat_ensure_hooks()
@@ -276,8 +286,16 @@ class TaskTracked:
     def _hat_select(self, task: int | PerSample | None, scale: float | None) -> None:
         """Write a checked selection into the task buffers (in place) and their Python mirror
         (per-sample ids: the mirror only; compiled forwards take one task)."""
-        self.hat_task.fill_(self.num_tasks if task is None or is_per_sample(task) else task)
+        per_sample = is_per_sample(task)
+        self.hat_task.fill_(self.num_tasks if task is None or per_sample else task)
         self.hat_scale.fill_(0.0 if scale is None else scale)
+        if per_sample:
+            ids = task.ids.to(self.hat_ids.device)
+            if self.hat_ids.shape == ids.shape:
+                self.hat_ids.copy_(ids)  # in place: a compiled graph reads the new ids without recompiling
+            else:
+                self._buffers["hat_ids"] = ids.clone()
+        self.__dict__["_hat_per_sample"] = per_sample
         self.__dict__["_hat_state"] = Selection(task, scale)
 
     def _hat_selected(self) -> Selection:
@@ -285,7 +303,7 @@ class TaskTracked:
         code the 0-d buffers (no Python branch on their values, so one graph serves every task
         and scale), else their Python mirror."""
         if torch.compiler.is_compiling():
-            return Selection(self.hat_task, self.hat_scale)
+            return Selection(self.hat_ids if self._hat_per_sample else self.hat_task, self.hat_scale)
         state = self._hat_state
         if self._hat_needs_soft_mask:
             self._hat_check_scale(state.task, state.scale,

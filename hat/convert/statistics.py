@@ -27,8 +27,10 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from hat.modules.norm import _TaskIndexedBatchNorm
 from hat.payload import HATPayload
 from hat.tracking.selection import check_selection, is_per_sample
+from hat.tracking.tracked import task_modules
 
 __all__ = ["before_call"]
 
@@ -97,8 +99,6 @@ class _Pending:
 def _norms(root: nn.Module) -> list[nn.Module]:
     norms = root.__dict__.get("_hat_stat_norms")
     if norms is None:
-        from hat.modules.norm import _TaskIndexedBatchNorm
-
         norms = [m for m in root.modules() if isinstance(m, _TaskIndexedBatchNorm) and m.track_running_stats]
         root.__dict__["_hat_stat_norms"] = norms
     return [m for m in norms if m.refresh_at_task_end]
@@ -165,8 +165,6 @@ def refresh_pending(root: nn.Module) -> None:
 
 
 def _refresh(root: nn.Module, norms: list[nn.Module], pending: _Pending) -> None:
-    from hat.tracking.tracked import task_modules
-
     modules = task_modules(root)
     selections = [(m, m._hat_state) for m in modules]
     flags = [(m, m.training) for m in root.modules()]

@@ -43,7 +43,10 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from hat.masks import units as _units
+from hat.modules._base import HATMasked
+from hat.payload import HATPayload
 from hat.tracking.recording import RECORDER
+from hat.tracking.tracked import TaskTracked, task_modules
 
 _ACTIVE = RECORDER  # set while a recording forward runs; the layers read it through ``active()``
 
@@ -649,8 +652,6 @@ def maybe_trace(root: nn.Module, args: tuple, kwargs: dict) -> bool:
 
 
 def _trace(root: nn.Module, args: tuple, kwargs: dict) -> bool:
-    from hat.tracking.tracked import task_modules
-
     modules = task_modules(root)
     if not modules or any("_hat_link_key" in m.__dict__ for m in modules):
         return False  # payload models record their links themselves
@@ -683,9 +684,6 @@ def _norm_map(m: Any, seen: list[tuple[_Units, int]]) -> _units.UnitMap | None:
 
 def _record(root: nn.Module, args: tuple, kwargs: dict, modules: list, dense_norms: set) -> _Recorder:
     """One recording forward (evaluation mode, no grad)."""
-    from hat.modules._base import HATMasked
-    from hat.payload import HATPayload
-
     rec = _Recorder()
     rec.dense_norms = dense_norms
     rec.weights = {id(m.weight): m for m in modules if isinstance(m, HATMasked) and isinstance(
@@ -728,8 +726,6 @@ def _unit_map(u: _Units, ndim: int, dim: int | None, size: int, num_tasks: int) 
 
 
 def _apply_record(rec: _Recorder, root: nn.Module) -> None:
-    from hat.tracking.tracked import TaskTracked
-
     for m, op in rec.read_directly.items():
         m.__dict__["_hat_read_directly"] = op
     for m in root.modules():

@@ -1,15 +1,14 @@
-"""The training loop the examples share: a converted model, one optimizer, set_task per batch."""
+"""The examples' training loop: hat.training's, on a converted model (set_task per batch), one optimizer."""
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 import hat
 from hat import HATConfig
 from hat.app.experiment import capacity
-from hat.utils import get_hat_mask_scale, get_hat_reg_term
+from hat.training import predict
+from hat.training import train_task as train_one_task
 
 
 def mlp(in_features: int, cfg: HATConfig, hidden: int = 400) -> nn.Module:
@@ -21,26 +20,19 @@ def mlp(in_features: int, cfg: HATConfig, hidden: int = 400) -> nn.Module:
 
 def train_task(model, optimizer, x, y, task, *, epochs, schedule="linear", s_max=400.0, reg=0.75,
                batch_size=32, on_batch=None) -> None:
-    model.train()
-    for _ in range(epochs):
-        batches = torch.randperm(len(x)).split(batch_size)
-        for b, idx in enumerate(batches):
-            s = get_hat_mask_scale(schedule, s_max, b / max(len(batches) - 1, 1))
-            hat.set_task(model, task, mask_scale=s)
-            logits = model(x[idx])
-            loss = F.cross_entropy(logits, y[idx]) + reg * get_hat_reg_term(model, task_id=task, mask_scale=s)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            if on_batch is not None:
-                on_batch((logits.argmax(1) == y[idx]).float().mean().item())
+    """hat.training's loop on a converted model (set_task per batch), batches shuffled by the global RNG;
+    ``on_batch`` gets each batch's training accuracy."""
+    train_one_task(model, optimizer, (x, y), task, epochs=epochs, batch_size=batch_size, forward="set_task",
+                   scale_strat=schedule, max_scale=s_max, reg_strength=reg,
+                   on_batch=None if on_batch is None else lambda step: on_batch(_batch_accuracy(step)))
 
 
-@torch.no_grad()
+def _batch_accuracy(step) -> float:
+    return (step.logits.argmax(1) == step.y).float().mean().item()
+
+
 def accuracy(model, x, y, task) -> float:
-    model.eval()
-    with hat.task(model, task):
-        return (model(x).argmax(1) == y).float().mean().item()
+    return (predict(model, x, task, forward="set_task").argmax(1) == y).float().mean().item()
 
 
 def capacity_used(model) -> float:

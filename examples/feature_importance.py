@@ -17,12 +17,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hat import HATConfig, HATPayload
 from hat.modules import HATLinear, HATMasker, TaskIndexedLinear
-from hat.utils import get_hat_mask_scale, get_hat_reg_term
+from hat.training import train_task
 
 from _common import load_tasks
 
@@ -59,16 +58,8 @@ class MaskedMLP(nn.Module):
 model = MaskedMLP()
 optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)  # one optimizer for the whole sequence
 for t, (x, y, _, _) in enumerate(tasks):
-    model.train()
-    for _ in range(args.epochs):
-        batches = torch.randperm(len(x)).split(32)
-        for b, idx in enumerate(batches):
-            s = get_hat_mask_scale("linear", 400.0, b / max(len(batches) - 1, 1))
-            loss = F.cross_entropy(model(HATPayload(x[idx], task_id=t, mask_scale=s)).data, y[idx])
-            loss = loss + 0.75 * get_hat_reg_term(model, task_id=t, mask_scale=s)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+    # cross-entropy + 0.75 x HAT's regularizer, the scale annealed 1/400 -> 400 in each epoch, batches of 32
+    train_task(model, optimizer, (x, y), t, epochs=args.epochs, forward="payload", reg_strength=0.75)
 
 model.eval()
 fig, axes = plt.subplots(1, 5, figsize=(12, 2.8))

@@ -1,23 +1,30 @@
-"""Training utilities under hat-cl's names: the mask regularizer and the mask-scale schedules."""
+"""hat-cl's ``hat.utils``: the mask regularizer and the mask-scale schedules (implemented in
+:mod:`hat.training`, re-exported here under hat-cl's names), hat-cl's module converters, and
+loading of hat-cl 0.1.1 state dicts."""
 
 from __future__ import annotations
 
 import copy
-import functools
-import math
-import numbers
 import re
 import warnings
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
-from hat._checks import check_mask_scale, check_positive, check_task_id
-from hat.errors import HATTypeError, HATValueError
-from hat.masks.group import group_of
-from hat.modules._base import HATMasked
-from hat.tracking.selection import check_selection, is_per_sample
+from hat.errors import HATValueError
+from hat.training import (  # noqa: F401  (the private helpers stay importable from here, as before)
+    _REG_STRATS,
+    _SCALE_STRATS,
+    RegStrategy,
+    ScaleStrategy,
+    _index,
+    _quota,
+    _reg_from_forward,
+    _segments,
+    get_hat_mask_scale,
+    get_hat_reg_term,
+)
 
 __all__ = [
     "RegStrategy",
@@ -29,140 +36,6 @@ __all__ = [
     "get_hat_reg_term",
     "load_hat_cl_state_dict",
 ]
-
-RegStrategy = Literal["uniform", "paper"]
-ScaleStrategy = Literal["linear", "cosine", "exponential", "constant"]
-_REG_STRATS = ("uniform", "paper")
-_SCALE_STRATS = ("linear", "cosine", "exponential", "constant")
-
-
-def get_hat_reg_term(module: nn.Module, strat: RegStrategy = "uniform", task_id: Any = None,
-                     mask_scale: Any = None, forgive_quota: bool = True) -> torch.Tensor:
-    """HAT's mask regularizer for ``task_id``: how much free capacity the task's masks take.
-
-    For each masked layer ``l`` with soft mask ``a`` (of ``task_id`` at ``mask_scale``) and
-    binary cumulative mask ``p`` of the other trained tasks:
-    ``used_l = sum_i a_i (1 - p_i)`` and ``free_l = sum_i (1 - p_i)``.
-
-    - ``"uniform"`` (hat-cl): the mean over layers of ``used_l / free_l``; with
-      ``forgive_quota`` a task's fair share of each layer, ``units_l / num_tasks``, is free:
-      ``max(used_l - units_l / num_tasks, 0) / free_l``.
-    - ``"paper"`` (Serra et al.): ``sum_l used_l / sum_l free_l``, normalized over all layers at
-      once; ``forgive_quota`` does not apply.
-
-    Add ``c * reg`` to the loss (paper: c = 0.75). Returns a 0-d tensor (0 without masked layers).
-    With per-sample ids (a 1-D tensor, or a batch's ``HATPayload.task_id``): the mean of the term
-    over the tasks present.
-    """
-    if strat not in _REG_STRATS:
-        raise HATValueError(f"strat must be one of {_REG_STRATS}; got {strat!r}")
-    layers = [m for m in module.modules() if isinstance(m, HATMasked)]
-    if not layers:
-        return torch.zeros(())
-    if task_id is None:
-        check_task_id(task_id, layers[0].num_tasks, allow_none=False)  # the error a task must be given
-    selection = check_selection(task_id, layers[0].num_tasks)
-    scale = check_mask_scale(mask_scale)
-    if is_per_sample(selection):
-        terms = [get_hat_reg_term(module, strat, t, scale, forgive_quota) for t in selection.tasks]
-        return torch.stack(terms).mean()
-    task = selection
-    per_layer = _reg_from_forward(layers, task, scale)
-    if per_layer is None:  # each layer on its own
-        used_terms, free_terms = [], []
-        for layer in layers:
-            mask = layer._hat_mask(task, scale)
-            others = layer.hat_trained.clone()
-            others[task] = False
-            free = (~layer.used_units(others)).to(mask.dtype)
-            used_terms.append((mask * free).sum())
-            free_terms.append(free.sum())
-        per_layer = torch.stack(used_terms), torch.stack(free_terms)
-    used, free = per_layer
-    if strat == "paper":
-        return used.sum() / free.sum().clamp_min(1)
-    if forgive_quota:
-        used = (used - _quota(tuple((m.task_embedding.shape[1], m.num_tasks) for m in layers),
-                              used.dtype, used.device)).clamp_min(0)
-    return (used / free.clamp_min(1)).mean()
-
-
-def _reg_from_forward(layers: list[HATMasked], task: int,
-                      scale: float | None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Per layer, the mask summed over free units and the free units, from the masks the training
-    forward just took (one node for all layers of a config): a few ops for the whole model
-    instead of a dozen per layer. None where that forward did not take them all."""
-    if scale is None or not torch.is_grad_enabled():
-        return None
-    cfg = layers[0].hat_config
-    if cfg.gate is not torch.sigmoid or any(m.hat_config is not cfg for m in layers):
-        return None
-    masks = group_of(cfg).served(layers, task, scale)
-    if masks is None:
-        return None
-    trained = layers[0]._hat_trained_set()
-    if any(m._hat_trained_set() != trained for m in layers):
-        return None
-    mask = torch.cat(masks) if len(masks) > 1 else masks[0]
-    zeros, segment = _segments(tuple(m.numel() for m in masks), mask.dtype, mask.device)
-    with torch.no_grad():
-        others = tuple(sorted(trained - {task}))
-        if others:
-            rows = torch.cat([m.task_embedding for m in layers], dim=1)
-            if len(others) < rows.shape[0]:
-                rows = rows.index_select(0, _index(others, rows.device))
-            free = (rows.amax(0) <= 0).to(mask.dtype)  # used_units, for all layers at once
-        else:
-            free = torch.ones_like(mask)
-        free_per_layer = zeros.index_add(0, segment, free)
-    return zeros.index_add(0, segment, mask * free), free_per_layer
-
-
-@functools.lru_cache(maxsize=64)
-def _index(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, device=device)
-
-
-@functools.lru_cache(maxsize=32)
-def _segments(sizes: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """For layers of ``sizes`` units laid end to end: zeros per layer (never written: index_add
-    out of place) and each unit's layer."""
-    segment = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
-    return torch.zeros(len(sizes), dtype=dtype, device=device), segment
-
-
-@functools.lru_cache(maxsize=32)
-def _quota(layers: tuple[tuple[int, int], ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Each layer's fair share of units per task, ``units / num_tasks``, from (units, num_tasks)."""
-    return torch.tensor([units / n for units, n in layers], dtype=dtype, device=device)
-
-
-def get_hat_mask_scale(strat: ScaleStrategy, max_trn_mask_scale: float, progress: float) -> float:
-    """The mask scale ``s`` at ``progress`` in [0, 1] through an epoch (or a task).
-
-    - ``"linear"`` (paper): ``1/s_max + (s_max - 1/s_max) * p``
-    - ``"cosine"``: ``max(s_max/2 * cos(2 pi p) + s_max/2, 1)``
-    - ``"exponential"`` (hat-cl): ``s_max ** ((p - 1 + r) / r)`` with ``r = 0.8``
-    - ``"constant"``: ``s_max``
-
-    With the paper's per-epoch schedule, ``progress = b / (B - 1)`` for batch ``b`` of ``B``.
-    """
-    if strat not in _SCALE_STRATS:
-        raise HATValueError(f"strat must be one of {_SCALE_STRATS}; got {strat!r}")
-    s_max = check_positive(max_trn_mask_scale, "max_trn_mask_scale")
-    if isinstance(progress, bool) or not isinstance(progress, numbers.Real):
-        raise HATTypeError(f"progress must be a number in [0, 1]; got {progress!r} of type {type(progress).__name__}")
-    p = float(progress)
-    if not 0.0 <= p <= 1.0:
-        raise HATValueError(f"progress must be in [0, 1]; got {p}")
-    if strat == "linear":
-        return 1.0 / s_max + (s_max - 1.0 / s_max) * p
-    if strat == "cosine":
-        return max(s_max / 2 * math.cos(2 * math.pi * p) + s_max / 2, 1.0)
-    if strat == "exponential":
-        r = 0.8
-        return s_max ** ((p - 1 + r) / r)
-    return s_max
 
 
 def convert_to_task_dependent_module(module: nn.Module, **kwargs: Any) -> nn.Module:

@@ -1,50 +1,39 @@
-"""A plain training loop over payloads, as a hat-cl user writes it."""
+"""The suite's training loop on payloads, as a hat-cl user writes it: hat.training's one loop."""
 
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 import hat
-from hat import HATPayload
-from hat.utils import get_hat_mask_scale, get_hat_reg_term
+from hat import HATPayload, training
 
 
 def train_task(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                task_id: int, *, epochs: int = 5, batch_size: int = 32, s_max: float = 100.0,
                reg: float = 0.75, set_to_none: bool = True, seed: int = 0,
                forward: Callable | None = None) -> None:
-    """Train ``task_id`` with the paper's per-epoch linear scale annealing and the mask regularizer."""
-    forward = forward or (lambda m, p: m(p).data)
-    g = torch.Generator().manual_seed(seed + (task_id or 0))
-    model.train()
-    n_batches = (len(x) + batch_size - 1) // batch_size
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=g)
-        for b in range(n_batches):
-            idx = order[b * batch_size:(b + 1) * batch_size]
-            scale = get_hat_mask_scale("linear", s_max, b / max(n_batches - 1, 1))
-            logits = forward(model, HATPayload(x[idx], task_id=task_id, mask_scale=scale))
-            loss = F.cross_entropy(logits, y[idx])
-            if reg:
-                loss = loss + reg * get_hat_reg_term(model, task_id=task_id, mask_scale=scale)
-            optimizer.zero_grad(set_to_none=set_to_none)
-            loss.backward()
-            optimizer.step()
+    """Train ``task_id`` with the paper's per-epoch linear scale annealing and the mask regularizer,
+    batches shuffled by a generator seeded with ``seed + task_id``. ``forward(model, payload) -> logits``
+    (default: the payload's model, ``model(payload).data``)."""
+    training.train_task(model, optimizer, (x, y), task_id, epochs=epochs, batch_size=batch_size,
+                        generator=torch.Generator().manual_seed(seed + (task_id or 0)),
+                        forward=_on_payloads(forward), scale_strat="linear", max_scale=s_max, reg_strength=reg,
+                        set_to_none=set_to_none)
 
 
-@torch.no_grad()
 def eval_logits(model: torch.nn.Module, x: torch.Tensor, task_id: int | None,
                 forward: Callable | None = None) -> torch.Tensor:
     """Hard-mask eval-mode logits of ``task_id``."""
-    forward = forward or (lambda m, p: m(p).data)
-    was_training = model.training
-    model.eval()
-    out = forward(model, HATPayload(x, task_id=task_id))
-    model.train(was_training)
-    return out
+    return training.predict(model, x, task_id, forward=_on_payloads(forward))
+
+
+def _on_payloads(forward: Callable | None) -> training.Forward:
+    """hat.training's ``forward`` for a ``forward(model, payload)`` hook."""
+    if forward is None:
+        return "payload"
+    return lambda m, x, task_id, mask_scale: forward(m, HATPayload(x, task_id=task_id, mask_scale=mask_scale))
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:

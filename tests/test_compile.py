@@ -161,7 +161,7 @@ def test_compiled_mixed_batch_trains_the_tasks_present_and_keeps_task_0_exact(di
     x = torch.cat([digit_tasks[1][0][:8], digit_tasks[2][0][:8]])
     y = torch.cat([digit_tasks[1][1][:8], digit_tasks[2][1][:8]])
     ids = torch.tensor([1] * 8 + [2] * 8)
-    head = [p for n, p in model.named_parameters() if n.endswith("task_embedding")][0]
+    head = next(p for n, p in model.named_parameters() if n.endswith("task_embedding"))
     rows_before = head.detach().clone()
     for b in range(3):
         _step(model, compiled, optimizer, x, y, ids, 10.0 * (b + 1))
@@ -176,7 +176,7 @@ def test_compiled_mixed_batch_trains_the_tasks_present_and_keeps_task_0_exact(di
 ])
 def test_compiled_per_sample_ids_on_timm_models(name, kwargs):
     timm = pytest.importorskip("timm")
-    import hat.timm_models  # noqa: F401
+    import hat.timm_models
 
     torch.manual_seed(0)
     model = timm.create_model(name, hat_config=HATConfig(num_tasks=3), num_classes=2, **kwargs).eval()

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import hat
-from hat import HATConfig, HATPayload
+from hat import HATConfig, HATPayload, training
 from hat.modules import (
     HATConv2d,
     HATLinear,
@@ -19,7 +19,7 @@ from hat.modules import (
     TaskIndexedLayerNorm,
     TaskIndexedLinear,
 )
-from hat.utils import convert_to_base_module, convert_to_task_dependent_module, get_hat_mask_scale, get_hat_reg_term
+from hat.utils import convert_to_base_module, convert_to_task_dependent_module
 
 from convert_models import SmallResNet, sequential_cnn
 
@@ -39,30 +39,28 @@ MODELS = {
 
 
 def train_task(model, optimizer, x, y, t, forward, *, epochs=4, batch_size=32, s_max=100.0, reg=0.75, set_to_none=True):
-    model.train()
-    n_batches = (len(x) + batch_size - 1) // batch_size
-    g = torch.Generator().manual_seed(t)
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=g)
-        for b in range(n_batches):
-            idx = order[b * batch_size:(b + 1) * batch_size]
-            scale = get_hat_mask_scale("linear", s_max, b / max(n_batches - 1, 1))
-            hat.set_task(model, t, mask_scale=scale)
-            loss = F.cross_entropy(forward(model, x[idx], t), y[idx])
-            loss = loss + reg * get_hat_reg_term(model, task_id=t, mask_scale=scale)
-            optimizer.zero_grad(set_to_none=set_to_none)
-            loss.backward()
-            optimizer.step()
+    """hat.training's loop, the task set on the model before each batch, batches shuffled by a generator seeded
+    with ``t``."""
+    training.train_task(model, optimizer, (x, y), t, epochs=epochs, batch_size=batch_size,
+                        generator=torch.Generator().manual_seed(t), forward=_with_task(forward), max_scale=s_max,
+                        reg_strength=reg, set_to_none=set_to_none)
 
 
-@torch.no_grad()
 def eval_logits(model, x, t, forward):
-    was = model.training
-    model.eval()
-    with hat.task(model, t):
-        out = forward(model, x, t)
-    model.train(was)
-    return out
+    return training.predict(model, x, t, forward=_with_task(forward))
+
+
+def _with_task(forward):
+    """hat.training's ``forward`` for a model's own call ``forward(model, x, t)``: training sets the task
+    (``hat.set_task``), evaluation runs inside ``hat.task``."""
+    def call(model, x, t, mask_scale):
+        if mask_scale is None:
+            with hat.task(model, t):
+                return forward(model, x, t)
+        hat.set_task(model, t, mask_scale=mask_scale)
+        return forward(model, x, t)
+
+    return call
 
 
 # -- the central promise on converted models -------------------------------------------------

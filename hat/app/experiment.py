@@ -27,15 +27,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from hat import training
 from hat.config import HATConfig
 from hat.convert.api import _ensure_root_hook
 from hat.errors import HATValueError
 from hat.modules import HATConv2d, HATLinear, TaskIndexedBatchNorm2d, TaskIndexedLinear
 from hat.payload import HATPayload
-from hat.utils import get_hat_mask_scale, get_hat_reg_term
 
 __all__ = [
     "METHODS",
@@ -352,49 +351,39 @@ def train_task(model: nn.Module, optimizer: torch.optim.Optimizer, data: tuple[t
                generator: torch.Generator, progress: Any = None, task_index: int = 0) -> None:
     """Train ``task_id`` on ``data = (x, y)`` with cross-entropy plus ``reg`` times HAT's mask
     regularizer, the mask scale annealed linearly from ``1/s_max`` to ``s_max`` within each epoch
-    (the paper's schedule).
+    (the paper's schedule): :func:`hat.training.train_task` on a payload model.
 
     ``task_id=None`` trains the plain network (no masks, no protection, no regularizer): fine-tuning.
     Earlier tasks are protected by ``hat``'s optimizer step hooks, whatever the optimizer.
+    ``progress``: None, or ``(task_index, epoch, batches) -> bar`` with ``update()`` and ``close()``.
     """
-    x, y = data
-    n_batches = -(-len(x) // batch_size)
-    model.train()
-    for epoch in range(epochs):
-        order = torch.randperm(len(x), generator=generator)
-        bar = progress(task_index, epoch, n_batches) if progress is not None else None
-        for b in range(n_batches):
-            idx = order[b * batch_size:(b + 1) * batch_size]
-            scale = get_hat_mask_scale("linear", s_max, b / max(n_batches - 1, 1))
-            logits = model(HATPayload(x[idx], task_id=task_id, mask_scale=scale)).data
-            loss = F.cross_entropy(logits, y[idx])
-            if task_id is not None and reg:
-                loss = loss + reg * get_hat_reg_term(model, task_id=task_id, mask_scale=scale)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if bar is not None:
-                bar.update()
-        if bar is not None:
+    training.train_task(model, optimizer, data, task_id, epochs=epochs, batch_size=batch_size, generator=generator,
+                        forward="payload", scale_strat="linear", max_scale=s_max, reg_strength=reg,
+                        on_batch=None if progress is None else _bars(progress, task_index))
+
+
+def _bars(progress: Any, task_index: int) -> Any:
+    """An ``on_batch`` callback that shows each epoch as a ``progress`` bar."""
+    bar = None
+
+    def on_batch(step: training.TrainStep) -> None:
+        nonlocal bar
+        if step.batch == 0:
+            bar = progress(task_index, step.epoch, step.num_batches)
+        bar.update()
+        if step.batch == step.num_batches - 1:
             bar.close()
 
+    return on_batch
 
-@torch.no_grad()
+
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task_id: int | None, batch_size: int = 1024) -> float:
-    """Accuracy in [0, 1] of ``task_id`` with the hard (binary) masks, in eval mode.
+    """Accuracy in [0, 1] of ``task_id`` with the hard (binary) masks, in eval mode
+    (:func:`hat.training.evaluate` on a payload model).
 
     Computed from integer counts, so equal predictions give bit-equal accuracies.
     """
-    was_training = model.training
-    model.eval()
-    try:
-        correct = 0
-        for i in range(0, len(x), batch_size):
-            logits = model(HATPayload(x[i:i + batch_size], task_id=task_id)).data
-            correct += int((logits.argmax(1) == y[i:i + batch_size]).sum())
-    finally:
-        model.train(was_training)
-    return correct / len(x)
+    return training.evaluate(model, (x, y), task_id, forward="payload", batch_size=batch_size)
 
 
 def run_sequence(model: nn.Module, optimizer: torch.optim.Optimizer, tasks: Sequence[Task], *,

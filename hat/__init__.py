@@ -9,6 +9,7 @@ from __future__ import annotations
 from hat import modules, utils
 from hat.config import HATConfig
 from hat.convert.api import convert, set_task, task, unconvert
+from hat.convert.capacity import LayerCapacity, TaskCapacity, capacity
 from hat.convert.coverage import LayerCoverage, coverage
 from hat.errors import HATError, HATTypeError, HATValueError, TaskIndexError
 from hat.payload import HATPayload
@@ -22,9 +23,12 @@ __all__ = [
     "HATPayload",
     "HATTypeError",
     "HATValueError",
+    "LayerCapacity",
     "LayerCoverage",
+    "TaskCapacity",
     "TaskIndexError",
     "__version__",
+    "capacity",
     "condition_gradients",
     "convert",
     "coverage",

@@ -39,12 +39,6 @@ _FED_FROM_MANY = "fed from different layers in different calls"
 class TaskModule(TaskTracked):
     """A task-aware layer whose forward is the shared dispatcher."""
 
-    @torch.compiler.disable
-    def _hat_eager(self, x: Any, *args: Any, **kwargs: Any) -> Any:
-        """The eager tensor forward, called from compiled code (a graph break): for layers whose
-        per-sample path groups samples by task, which a graph cannot do without knowing the ids."""
-        return self._hat_forward_tensor(x, self._hat_state, *args, **kwargs)
-
     def forward(self, input: Any, *args: Any, **kwargs: Any) -> Any:
         return self._hat_dispatch(input, *args, **kwargs)
 

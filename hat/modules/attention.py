@@ -108,6 +108,12 @@ class HATMultiheadAttention(MaskedLayer, nn.MultiheadAttention):
             out = self.out_proj._hat_mark(self._hat_mark(out, self.num_tasks), self.num_tasks)
         return out, weights
 
+    @torch.compiler.disable
+    def _hat_eager(self, query: Any, key: Any, value: Any, **kwargs: Any) -> Any:
+        """The eager per-sample path, called from compiled code (a graph break): the masks are
+        folded into the projection weights per task, which a graph cannot group without the ids."""
+        return self._hat_forward_tensor(query, self._hat_state, key, value, **kwargs)
+
     def _attend_per_task(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, task: Any,
                          scale: float | None, key_padding_mask: torch.Tensor | None = None,
                          attn_mask: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, Any]:

@@ -11,6 +11,7 @@ from hat.config import HATConfig
 from hat.convert.api import convert, set_task, task, unconvert
 from hat.convert.capacity import LayerCapacity, TaskCapacity, capacity
 from hat.convert.coverage import LayerCoverage, coverage
+from hat.convert.prune import PruneReport, prune, prune_report
 from hat.errors import HATError, HATTypeError, HATValueError, TaskIndexError
 from hat.payload import HATPayload
 from hat.protect.hooks import condition_gradients, mark_trained, trained_tasks
@@ -25,6 +26,7 @@ __all__ = [
     "HATValueError",
     "LayerCapacity",
     "LayerCoverage",
+    "PruneReport",
     "TaskCapacity",
     "TaskIndexError",
     "__version__",
@@ -34,6 +36,8 @@ __all__ = [
     "coverage",
     "mark_trained",
     "modules",
+    "prune",
+    "prune_report",
     "set_task",
     "task",
     "trained_tasks",

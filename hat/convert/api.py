@@ -117,6 +117,29 @@ def _before_call(root: nn.Module, args: tuple, kwargs: dict) -> None:
     if _trace.maybe_trace(root, args, kwargs):
         _coverage.warn(root)
     _statistics.before_call(root, args, kwargs)
+    if "_hat_example" not in root.__dict__:
+        _remember_example(root, args, kwargs)
+
+
+def _remember_example(root: nn.Module, args: tuple, kwargs: dict) -> None:
+    """The first call's inputs (their first sample where every tensor has the same batch size):
+    ``hat.prune`` follows the model and checks its result on them."""
+    from hat.payload import HATPayload
+
+    raw = lambda a: a._raw if isinstance(a, HATPayload) else a  # noqa: E731
+    args, kwargs = tuple(raw(a) for a in args), {k: raw(v) for k, v in kwargs.items()}
+    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+    if not tensors:
+        return
+    sizes = {t.shape[0] if t.dim() else None for t in tensors}
+    batched = len(sizes) == 1 and None not in sizes
+
+    def first(a: Any) -> Any:
+        if not isinstance(a, torch.Tensor):
+            return a
+        return (a.detach()[:1] if batched else a.detach()).clone()
+
+    root.__dict__["_hat_example"] = (tuple(first(a) for a in args), {k: first(v) for k, v in kwargs.items()})
 
 
 def _ensure_root_hook(root: nn.Module) -> None:
@@ -331,7 +354,24 @@ def unconvert(model: nn.Module, task_id: Any) -> nn.Module:
     for name, m in sorted(replace, key=lambda item: -(item[0].count(".") + bool(item[0]))):
         new = m.to_base_module(task_id=checked[m.num_tasks])
         if not name:
-            return new
+            return _scrubbed(new)
         parent_name, _, attr = name.rpartition(".")
         setattr(clone.get_submodule(parent_name) if parent_name else clone, attr, new)
-    return clone
+    return _scrubbed(clone)
+
+
+def _scrubbed(model: nn.Module) -> nn.Module:
+    """``model`` without what hat added to its modules (the HAT methods of a hat.timm_models class,
+    the config and the trace's notes): pickling it, and loading it, needs no ``hat``."""
+    for m in model.modules():
+        for key in [k for k in m.__dict__ if k.startswith("_hat_") or k == "hat_config"]:
+            del m.__dict__[key]
+        built_with = m.__dict__.get("_model_args")  # timm keeps create_model's keyword arguments
+        if isinstance(built_with, dict) and "hat_config" in built_with:
+            m.__dict__["_model_args"] = {k: v for k, v in built_with.items() if k != "hat_config"}
+        cls = type(m)
+        if cls.__module__.startswith("hat."):
+            plain = next((c for c in cls.__mro__ if not c.__module__.startswith("hat.")), None)
+            if plain is not None and plain is not nn.Module and issubclass(plain, nn.Module):
+                m.__class__ = plain
+    return model

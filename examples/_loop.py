@@ -6,7 +6,6 @@ from torch import nn
 
 import hat
 from hat import HATConfig
-from hat.app.experiment import capacity
 from hat.training import predict
 from hat.training import train_task as train_one_task
 
@@ -37,5 +36,5 @@ def accuracy(model, x, y, task) -> float:
 
 def capacity_used(model) -> float:
     """The share of masked units that some trained task uses."""
-    per_layer = capacity(model).values()
-    return sum(u for u, _ in per_layer) / max(sum(n for _, n in per_layer), 1)
+    layers = hat.capacity(model)
+    return sum(layer.used for layer in layers) / max(sum(layer.units for layer in layers), 1)

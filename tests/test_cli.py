@@ -88,16 +88,56 @@ def test_compare_and_out_write_both_runs(tmp_path, capsys):
     out = tmp_path / "run"
     assert main([*QUICK, "--epochs", "3", "--compare", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "method=hat" in text and "method=finetune" in text and "Capacity used" in text
+    assert "method=hat" in text and "method=finetune" in text and text.count("Capacity (units)") == 1
     saved = json.loads((out / "results.json").read_text())
     hat_run, finetune_run = saved["runs"]
     assert hat_run["args"]["method"] == "hat" and hat_run["bwt"] == 0.0 and hat_run["forgetting"] == 0.0
     assert finetune_run["args"]["method"] == "finetune" and finetune_run["bwt"] < 0
-    used, total = hat_run["capacity"]["fc1"]
-    assert 0 < used <= total == 256
+    assert hat_run["capacity"]["fc1"]["units"] == 256 and finetune_run["capacity"] == {}
     assert not (out / "results.json.tmp").exists()
     for png in ("accuracy_matrix.png", "capacity.png", "accuracy_matrix_finetune.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+
+
+def test_results_table_and_plot_hold_hat_capacity_of_the_trained_model(tmp_path, capsys):
+    import json
+    import re
+
+    import numpy as np
+    from matplotlib.image import imread
+    from safetensors.torch import load_file
+
+    import hat
+    from hat.app.experiment import build_model
+
+    out = tmp_path / "run"
+    assert main([*QUICK, "--checkpoint-every", "task", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    saved = json.loads((out / "results.json").read_text())["capacity"]
+    model = build_model("mlp", num_tasks=3, classes_per_task=2)
+    model.load_state_dict(load_file(str(out / "checkpoint" / "model.safetensors")))  # the model after the last task
+    report = hat.capacity(model)
+    assert list(saved) == [layer.name for layer in report] == ["fc1", "fc2"]
+    for layer in report:
+        entry = saved[layer.name]
+        assert entry == {"units": layer.units, "tasks": [t._asdict() for t in layer.tasks], "free": layer.free}
+        assert [t["task"] for t in entry["tasks"]] == [0, 1, 2]
+        assert sum(t["added"] for t in entry["tasks"]) + entry["free"] == entry["units"] == 256
+        assert all(t["used"] == t["shared"] + t["added"] and t["used"] > 0 for t in entry["tasks"])
+        assert entry["tasks"][0]["shared"] == 0 and entry["free"] < 256
+        # the table: a row per task (used, shared, added), then the free units in the added column
+        for t in entry["tasks"]:
+            row = rf"^ +{layer.name + ' +256' if t['task'] == 0 else ''} +{t['task']} +{t['used']} +{t['shared']} "
+            assert re.search(row + rf"+{t['added']}$", text, re.MULTILINE), (layer.name, t, text)
+        assert re.search(rf"^ +free +{entry['free']}  \({100 * entry['free'] / 256:.1f} %\)$", text, re.MULTILINE)
+        # the line printed after the last task: used/added by task 2, and what is left free
+        t2 = entry["tasks"][2]
+        assert f"{layer.name} {t2['used']}/{t2['added']}/{entry['free']}" in text
+    assert text.count("units used/added/free") == 3 and "used  shared  added" in text
+    # task 0's bars (tab:blue) and the free units' (grey) are drawn: far more pixels than their legend patches
+    image = imread(out / "capacity.png")[..., :3]
+    for colour in ((0x1F, 0x77, 0xB4), (0xC8, 0xC8, 0xC8)):
+        assert (abs(image - np.array(colour) / 255).max(-1) < 0.02).sum() > 1000, colour
 
 
 def test_missing_fashion_data_says_where_it_looked(tmp_path, capsys):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 __all__ = ["build_parser", "format_results", "main", "run"]
@@ -89,12 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the experiment ``args`` describes (as :func:`build_parser` parses them).
 
     Returns ``matrix`` (``matrix[t][k]``: accuracy in [0, 1] on task ``k`` after training task
-    ``t``), ``average_accuracy``, ``bwt`` (both as fractions), ``seconds`` and ``args`` (a dict,
-    with the learning rate filled in).
+    ``t``), ``average_accuracy``, ``bwt``, ``forgetting`` (fractions), ``capacity`` (HAT runs:
+    :func:`hat.app.experiment.capacity_report`, per layer and task; ``{}`` for fine-tuning),
+    ``seconds`` and ``args`` (a dict, with the learning rate filled in). ``log``, if given, gets
+    one line per trained task of a HAT run: each layer's units used, added and free.
     """
     from pathlib import Path
 
@@ -106,7 +108,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         backward_transfer,
         build_model,
         build_optimizer,
-        capacity,
+        capacity_report,
         forgetting,
         permuted_fashion_mnist,
         run_sequence,
@@ -148,6 +150,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         start_task, done, elapsed = meta["tasks_done"], meta["matrix"], meta["seconds"]
 
     def after_task(t: int, matrix: list[list[float]]) -> bool:
+        if log is not None and args.method == "hat":
+            log(_capacity_line(t, capacity_report(model)))
         if args.checkpoint_every == "task":
             _checkpoint.save(Path(args.out), model, optimizer, generator,
                              {"args": config, "tasks_done": t + 1, "matrix": matrix,
@@ -162,7 +166,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "average_accuracy": average_accuracy(matrix),
         "bwt": backward_transfer(matrix),
         "forgetting": forgetting(matrix),
-        "capacity": capacity(model) if args.method == "hat" else {},
+        "capacity": capacity_report(model) if args.method == "hat" else {},
         "seconds": elapsed + time.perf_counter() - start,
         "args": config,
     }
@@ -219,11 +223,32 @@ def format_results(results: dict[str, Any]) -> str:
         f"Forgetting: {_fixed(100 * results.get('forgetting', 0.0), 3)} pp",
     ]
     if results.get("capacity"):
-        lines += ["", "Capacity used (units on for any trained task / units):"]
-        for name, (used, total) in results["capacity"].items():
-            lines.append(f"  {name:<12} {used:>5} / {total:<5} ({100 * used / total:5.1f} %)")
+        lines += ["", *_capacity_table(results["capacity"])]
     lines += ["", f"Time: {results['seconds']:.1f} s"]
     return "\n".join(lines)
+
+
+def _capacity_table(report: dict[str, dict[str, Any]]) -> list[str]:
+    """Per layer, a row per trained task (units it uses = shared with earlier tasks + added) and
+    a ``free`` row in the ``added`` column, so that column sums to the layer's units."""
+    width = max(5, *(len(name) for name in report))
+    lines = ["Capacity (units): a task uses = shares with earlier tasks + adds; free = used by no trained task",
+             f"  {'layer':<{width}}  units   task   used  shared  added"]
+    for name, layer in report.items():
+        head = f"  {name:<{width}}  {layer['units']:>5}"
+        for t in layer["tasks"]:
+            lines.append(f"{head}  {t['task']:>5}  {t['used']:>5}  {t['shared']:>6}  {t['added']:>5}")
+            head = " " * len(head)
+        lines.append(f"{head}   free  {'':>5}  {'':>6}  {layer['free']:>5}  "
+                     f"({100 * layer['free'] / layer['units']:.1f} %)")
+    return lines
+
+
+def _capacity_line(task: int, report: dict[str, dict[str, Any]]) -> str:
+    """One line after a task: each layer's units that task uses and adds, and the units still free."""
+    parts = [f"{name} {t['used']}/{t['added']}/{layer['free']}" for name, layer in report.items()
+             for t in layer["tasks"] if t["task"] == task]
+    return f"task {task} trained; units used/added/free: " + ", ".join(parts)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -244,12 +269,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.resume is not None and args.out is None:
             args.out = args.resume  # keep writing where the run was
         try:
-            results = [run(args)]
+            results = [run(args, log=_print_now)]
             if args.compare:
                 other = "finetune" if args.method == "hat" else "hat"
                 # the comparison run starts fresh and leaves the checkpoint alone
                 results.append(run(argparse.Namespace(**{**vars(args), "method": other, "checkpoint_every": "never",
-                                                         "resume": None, "stop_after": None})))
+                                                         "resume": None, "stop_after": None}),
+                                   log=_print_now))
         except (DataNotFoundError, CheckpointError) as err:
             parser.exit(2, f"hat-cl run: {err}\n")
         print("\n\n".join(format_results(r) for r in results), flush=True)
@@ -274,6 +300,10 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     # a None default is spelled out in the option's own help
     def _get_help_string(self, action: argparse.Action) -> str | None:
         return action.help if action.default is None else super()._get_help_string(action)
+
+
+def _print_now(line: str) -> None:
+    print(line, flush=True)
 
 
 def _fixed(value: float, digits: int) -> str:

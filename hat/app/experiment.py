@@ -32,6 +32,7 @@ from torch import nn
 from hat import training
 from hat.config import HATConfig
 from hat.convert.api import _ensure_root_hook
+from hat.convert.capacity import capacity as layer_capacity
 from hat.errors import HATValueError
 from hat.modules import HATConv2d, HATLinear, TaskIndexedBatchNorm2d, TaskIndexedLinear
 from hat.payload import HATPayload
@@ -47,7 +48,7 @@ __all__ = [
     "backward_transfer",
     "build_model",
     "build_optimizer",
-    "capacity",
+    "capacity_report",
     "evaluate",
     "forgetting",
     "permuted_fashion_mnist",
@@ -446,13 +447,19 @@ def forgetting(matrix: Sequence[Sequence[float]]) -> float:
     return sum(max(matrix[t][k] for t in range(k, last)) - matrix[last][k] for k in range(last)) / last
 
 
-def capacity(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """Per masked layer: (units switched on for some trained task, units); HAT's capacity use."""
-    from hat.modules._base import HATMasked
+def capacity_report(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """:func:`hat.capacity` as plain data for ``results.json``, keyed by layer name (the model
+    itself, when it is a HAT layer, as ``"(model)"``)::
 
-    out = {}
-    for name, m in model.named_modules():
-        if isinstance(m, HATMasked):
-            used = m.used_units(m.hat_trained)
-            out[name or type(m).__name__] = (int(used.sum()), used.numel())
-    return out
+        {"fc1": {"units": 256,
+                 "tasks": [{"task": 0, "used": 118, "shared": 0, "added": 118}, ...],
+                 "free": 8}, ...}
+
+    Per trained task in training order: ``used = shared + added`` (shared: also used by an earlier
+    task); per layer ``free + sum of added = units``.
+    """
+    return {layer.name or "(model)": {"units": layer.units, "tasks": [t._asdict() for t in layer.tasks],
+                                      "free": layer.free}
+            for layer in layer_capacity(model)}
+
+

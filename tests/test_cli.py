@@ -165,3 +165,33 @@ def test_a_timm_model_runs_and_keeps_earlier_tasks_exactly():
     results = _run("--model", "hat_resnet18s", "--tasks", "2", "--epochs", "1", "--batch-size", "64")
     assert results["bwt"] == 0.0 and results["matrix"][1][0] == results["matrix"][0][0]
     assert "layer1.0.conv1" in results["capacity"]
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_export_writes_pruned_programs_that_compute_each_task(model, tmp_path, capsys):
+    import json
+
+    from hat import training
+    from hat.app.experiment import split_digits
+
+    folder = tmp_path / "export"
+    main(["run", "--model", model, "--epochs", "1", "--tasks", "2", "--hidden", "32", "--out", str(tmp_path / "run"),
+          "--checkpoint-every", "task", "--export", str(folder)])
+    printed = capsys.readouterr().out
+    assert f"Exported pruned models to {folder}" in printed
+    rows = json.loads((folder / "export.json").read_text())
+    assert [r["task"] for r in rows] == [0, 1]
+    assert all(r["params_pruned"] < r["params"] and r["flops_pruned"] < r["flops"] for r in rows)
+    # the saved HAT model, reloaded, against each exported program on the task's test images
+    from hat.app import checkpoint as ckpt
+    from hat.app.experiment import build_model
+
+    trained = build_model(model, 2, 2, hidden=32)
+    folder_ckpt = ckpt.locate(tmp_path / "run")
+    ckpt.load(folder_ckpt, ckpt.read_meta(folder_ckpt), trained, torch.optim.Adam(trained.parameters()),
+              torch.Generator())
+    for t, (_, _, x_test, _) in enumerate(split_digits(2)):
+        program = torch.export.load(folder / f"task_{t}.pt2").module()
+        want = training.predict(trained, x_test, t)
+        got = program(x_test)
+        assert torch.allclose(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))

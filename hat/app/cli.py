@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop once this many tasks are trained (with --checkpoint-every task, --resume continues)")
     r.add_argument("--out", default=None, help="write results.json, accuracy_matrix.png and capacity.png here (the "
                                                "folder is created)")
+    r.add_argument("--export", default=None, metavar="DIR",
+                   help="after training, write one pruned plain model per task to DIR (task_<t>.pt2, torch.export "
+                        "archives that run with torch alone: torch.export.load(path).module()(x)) and print their "
+                        "parameters and FLOPs against the full model (hat.prune)")
     return parser
 
 
@@ -161,19 +165,25 @@ def run(args: argparse.Namespace, log: Callable[[str], None] | None = None) -> d
     matrix = run_sequence(model, optimizer, tasks, method=args.method, epochs=args.epochs, batch_size=args.batch_size,
                           s_max=args.s_max, reg=args.reg, generator=generator, progress=_progress(f"{args.method}"),
                           start=start_task, matrix=done, after_task=after_task)
+    exported = None
+    if args.export is not None and args.method == "hat":
+        from hat.app.export import export_tasks
+
+        exported = export_tasks(model, tasks, Path(args.export))
     return {
         "matrix": matrix,
         "average_accuracy": average_accuracy(matrix),
         "bwt": backward_transfer(matrix),
         "forgetting": forgetting(matrix),
         "capacity": capacity_report(model) if args.method == "hat" else {},
+        "export": exported,
         "seconds": elapsed + time.perf_counter() - start,
         "args": config,
     }
 
 
 # settings a resumed run may change: where files go, how often to save, what to print
-_RESUMABLE = {"command", "out", "resume", "checkpoint_every", "stop_after", "compare", "data_dir"}
+_RESUMABLE = {"command", "out", "resume", "checkpoint_every", "stop_after", "compare", "data_dir", "export"}
 
 
 def _check_same_settings(saved: dict[str, Any], now: dict[str, Any]) -> None:
@@ -224,6 +234,10 @@ def format_results(results: dict[str, Any]) -> str:
     ]
     if results.get("capacity"):
         lines += ["", *_capacity_table(results["capacity"])]
+    if results.get("export"):
+        from hat.app.export import format_export
+
+        lines += ["", format_export(results["export"], results["args"]["export"])]
     lines += ["", f"Time: {results['seconds']:.1f} s"]
     return "\n".join(lines)
 

@@ -6,19 +6,23 @@ optimizer created once for the whole task sequence.
 
 from __future__ import annotations
 
-from hat import modules, utils
+from hat import modules, types_, utils
 from hat.config import HATConfig
 from hat.convert.api import convert, set_task, task, unconvert
 from hat.convert.capacity import LayerCapacity, TaskCapacity, capacity
 from hat.convert.coverage import LayerCoverage, coverage
 from hat.convert.prune import PruneReport, prune, prune_report
 from hat.errors import HATError, HATTypeError, HATValueError, TaskIndexError
+from hat.forget import forget_task
+from hat.modules.task_parameter import TaskIndexedParameter
 from hat.payload import HATPayload
 from hat.protect.hooks import condition_gradients, mark_trained, trained_tasks
+from hat.types_ import ForgetResult
 
 __version__ = "0.2.0"
 
 __all__ = [
+    "ForgetResult",
     "HATConfig",
     "HATError",
     "HATPayload",
@@ -29,11 +33,13 @@ __all__ = [
     "PruneReport",
     "TaskCapacity",
     "TaskIndexError",
+    "TaskIndexedParameter",
     "__version__",
     "capacity",
     "condition_gradients",
     "convert",
     "coverage",
+    "forget_task",
     "mark_trained",
     "modules",
     "prune",
@@ -41,6 +47,7 @@ __all__ = [
     "set_task",
     "task",
     "trained_tasks",
+    "types_",
     "unconvert",
     "utils",
 ]

@@ -6,7 +6,8 @@ for users who do not know about hat's own types.
 
 from __future__ import annotations
 
-__all__ = ["HATError", "HATTypeError", "HATValueError", "ModuleConversionWarning", "TaskIndexError"]
+__all__ = ["HATError", "HATTypeError", "HATValueError", "ModuleConversionWarning", "NoParameterToForgetWarning",
+           "TaskIndexError"]
 
 
 class HATError(Exception):
@@ -27,3 +28,8 @@ class TaskIndexError(HATError, IndexError):
 
 class ModuleConversionWarning(UserWarning):
     """A module had no counterpart to convert to and was kept as it is (hat-cl's warning)."""
+
+
+class NoParameterToForgetWarning(UserWarning):
+    """Forgetting a task released no weight or bias entry: every unit it used is also used by a
+    task that stays (its own rows, embeddings and trained flag are reset all the same)."""

@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
-from hat.errors import HATError, HATTypeError, HATValueError, ModuleConversionWarning, TaskIndexError
+from hat.errors import (
+    HATError,
+    HATTypeError,
+    HATValueError,
+    ModuleConversionWarning,
+    NoParameterToForgetWarning,
+    TaskIndexError,
+)
 
-__all__ = ["HATError", "HATTypeError", "HATValueError", "ModuleConversionWarning", "TaskIndexError"]
+__all__ = ["HATError", "HATTypeError", "HATValueError", "ModuleConversionWarning", "NoParameterToForgetWarning",
+           "TaskIndexError"]

@@ -15,6 +15,7 @@ from hat.modules.norm import (
     TaskIndexedLayerNorm2d,
     TaskIndexedSyncBatchNorm,
 )
+from hat.modules.task_parameter import TaskIndexedParameter
 
 __all__ = [
     "FixedMask",
@@ -31,5 +32,6 @@ __all__ = [
     "TaskIndexedLayerNorm",
     "TaskIndexedLayerNorm2d",
     "TaskIndexedLinear",
+    "TaskIndexedParameter",
     "TaskIndexedSyncBatchNorm",
 ]

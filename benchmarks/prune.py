@@ -10,8 +10,11 @@ flatten, linear 256) converted with ``hat.convert``, and ``hat_resnet18s`` (1-ch
 2000 training images per task to keep the run short). Each task is then pruned. Timing: one
 thread, evaluation mode, no grad, batch 64 of the task's test images; the pruned and the full
 plain model run alternately and each pair gives one time ratio; the median of ``--repeats``
-pairs is printed beside the FLOP ratio (FlopCounterMode). Accuracies of the pruned models are
-measured on each task's test set and must equal the HAT model's.
+pairs is printed beside the FLOP ratio (FlopCounterMode), in torch's default memory format
+(NCHW) and in channels_last (NHWC, which oneDNN runs without reordering odd channel counts), and
+once more with every cut width rounded up to a multiple of 16 (``multiple_of=16``: the widths the
+CPU kernels compute anyway). Accuracies of the pruned models are measured on each task's test
+set and must equal the HAT model's.
 """
 
 from __future__ import annotations
@@ -92,24 +95,38 @@ def main() -> None:
             training.train_task(model, opt, (x[:limit], y[:limit]), t, epochs=1, batch_size=64, forward="set_task",
                                 generator=torch.Generator().manual_seed(args.seed + t))
         print(f"\n{name}: trained 5 tasks in {time.perf_counter() - start:.0f} s")
-        print("task | params full -> pruned | FLOPs full -> pruned (ratio) | time ratio | time/FLOP ratio | "
-              "accuracy HAT = pruned | max |diff|")
+        print("task | params full -> pruned     | FLOP ratio | time ratio (NCHW, NHWC) | multiple_of=16: FLOP ratio, "
+              "time ratio NHWC | accuracy HAT = pruned | max |diff|")
         for t, (_, _, x_te, y_te) in enumerate(tasks):
             x = x_te[:64]
-            report = hat.prune_report(model, t, x[:1])[0]
-            small, full = hat.prune(model, t, x[:1]).eval(), hat.unconvert(model, t).eval()
+            full = hat.unconvert(model, t).eval()
+            cells = []
+            for multiple in (1, 16):
+                report = hat.prune_report(model, t, x[:1], multiple_of=multiple)[0]
+                small = hat.prune(model, t, x[:1], multiple_of=multiple).eval()
+                flop_ratio = report.flops_pruned / report.flops
+                x_nhwc = x.to(memory_format=torch.channels_last)
+                nhwc = paired_ratio(_channels_last(small), _channels_last(full), x_nhwc, args.repeats)
+                full = full.to(memory_format=torch.contiguous_format)
+                if multiple == 1:
+                    nchw = paired_ratio(small, full, x, args.repeats)
+                    cells.append(f"{flop_ratio:10.3f} | {nchw:.3f} ({nchw / flop_ratio:.2f}x), {nhwc:.3f} "
+                                 f"({nhwc / flop_ratio:.2f}x)")
+                    exact, params = small, (report.params, report.params_pruned)
+                else:
+                    cells.append(f"{flop_ratio:.3f}, {nhwc:.3f} ({nhwc / flop_ratio:.2f}x)")
             logits = training.predict(model, x_te, t, forward="set_task")
             with torch.no_grad():
-                pruned_logits = small(x_te)
+                pruned_logits = exact.to(memory_format=torch.contiguous_format)(x_te)
             acc = (logits.argmax(1) == y_te).float().mean().item()
             acc_pruned = (pruned_logits.argmax(1) == y_te).float().mean().item()
-            flop_ratio = report.flops_pruned / report.flops
-            time_ratio = paired_ratio(small, full, x, args.repeats)
-            print(f"{t:4d} | {report.params:>10,} -> {report.params_pruned:>10,} | "
-                  f"{report.flops / 1e6:8.1f}M -> {report.flops_pruned / 1e6:8.1f}M ({flop_ratio:.3f}) | "
-                  f"{time_ratio:10.3f} | {time_ratio / flop_ratio:15.3f} | "
+            print(f"{t:4d} | {params[0]:>10,} -> {params[1]:>10,} | {cells[0]} | {cells[1]} | "
                   f"{100 * acc:6.2f} % = {100 * acc_pruned:6.2f} % | "
                   f"{float((pruned_logits - logits).abs().max()):.1e}", flush=True)
+
+
+def _channels_last(model: nn.Module) -> nn.Module:
+    return model.to(memory_format=torch.channels_last)
 
 
 if __name__ == "__main__":

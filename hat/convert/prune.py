@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_flatten
 
 from hat.convert import trace as _trace
 from hat.convert.api import _check_module, _check_wrapped, _modules_for, task, unconvert
-from hat.errors import HATError, HATValueError, TaskIndexError
+from hat.errors import HATError, HATValueError
 from hat.modules._base import HATMasked
 from hat.modules._masked import MaskedLayer
 from hat.modules.linear import TaskIndexedLinear
@@ -261,7 +261,8 @@ def _input_dim(kind: str, plain: nn.Module, ndim: int) -> int | None:
     return 1 if ndim >= 2 else 0
 
 
-def _plan(model: nn.Module, plain: nn.Module, rec: _Record, out: Any, task_id: int) -> tuple[dict, dict]:
+def _plan(model: nn.Module, plain: nn.Module, rec: _Record, out: Any, task_id: int,
+          multiple_of: int = 1) -> tuple[dict, dict]:
     """``({name: units kept}, {name: input positions kept})`` for the layers that lose some."""
     names = {id(m): n for n, m in model.named_modules()}
     plain_of = dict(plain.named_modules())
@@ -348,10 +349,20 @@ def _plan(model: nn.Module, plain: nn.Module, rec: _Record, out: Any, task_id: i
             for i in range(size):
                 groups.set_live(groups.node(m, "in", i))
 
-    # no layer left without units (a convolution of zero channels is not a convolution)
+    # no layer left without units (a convolution of zero channels is not a convolution), and widths
+    # rounded up to ``multiple_of`` with units the task does not use (exact: they hold zeros)
     for m in producers.values():
-        if not groups.kept(m, "out", m.task_embedding.shape[1]):
-            groups.set_live(groups.node(m, "out", 0))
+        units = m.task_embedding.shape[1]
+        kept = groups.kept(m, "out", units)
+        target = min(units, max(multiple_of, -(-len(kept) // multiple_of) * multiple_of))
+        need = target - len(kept)
+        for i in range(units):
+            if need <= 0:
+                break
+            node = groups.node(m, "out", i)
+            if not groups.live[groups.find(node)]:
+                groups.set_live(node)
+                need -= 1
     cut_out = {}
     for m in producers.values():
         units = m.task_embedding.shape[1]
@@ -411,16 +422,10 @@ def _cut_in(layer: nn.Module, keep: list[int]) -> None:
 
 # -- the API --------------------------------------------------------------------------------------
 def _check_task(model: nn.Module, task_id: Any, what: str) -> int:
-    modules = _modules_for(model, what)
-    if isinstance(task_id, bool) or not isinstance(task_id, int):
-        raise HATValueError(f"{what}: task_id must be an int, the id of a trained task; got {task_id!r}")
-    n = modules[0].num_tasks
-    if not 0 <= task_id < n:
-        raise TaskIndexError(f"{what}: task_id={task_id} is outside [0, {n})")
-    trained = trained_tasks(model)
-    if task_id not in trained:
-        raise HATValueError(f"{what}: task_id={task_id} has not been trained; trained tasks: {trained}")
-    return task_id
+    from hat.forget import check_trained_task
+
+    _modules_for(model, what)
+    return check_trained_task(model, task_id)
 
 
 def _example(model: nn.Module, example_input: Any, what: str) -> tuple[tuple, dict]:
@@ -464,12 +469,14 @@ def _difference(ref: list[torch.Tensor], got: list[torch.Tensor]) -> tuple[float
     return diff, scale
 
 
-def _pruned(model: nn.Module, task_id: Any, example_input: Any, what: str) -> tuple[nn.Module, float, tuple, dict,
-                                                                                     dict[str, tuple[int, int]]]:
+def _pruned(model: nn.Module, task_id: Any, example_input: Any, what: str,
+            multiple_of: Any = 1) -> tuple[nn.Module, float, tuple, dict, dict[str, tuple[int, int]]]:
     """(the pruned model, its largest output difference, the example's args and kwargs, units kept)."""
     _check_wrapped(model, what)
     _check_module(model, what)
     t = _check_task(model, task_id, what)
+    if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
+        raise HATValueError(f"{what}: multiple_of must be a positive int (1: no rounding); got {multiple_of!r}")
     args, kwargs = _example(model, example_input, what)
     plain = unconvert(model, t)
     with task(model, t):
@@ -479,7 +486,7 @@ def _pruned(model: nn.Module, task_id: Any, example_input: Any, what: str) -> tu
                                 "hat.prune follows models that take tensors (hat.convert, hat.timm_models). "
                                 "Use hat.unconvert for a plain copy of the same size")
         ref = _eval_outputs(model, args, kwargs)
-    cut_out, cut_in = _plan(model, plain, rec, out, t)
+    cut_out, cut_in = _plan(model, plain, rec, out, t, multiple_of)
     pruned_layers = dict(plain.named_modules())
     kept: dict[str, tuple[int, int]] = {}
     for name, keep in cut_out.items():
@@ -496,16 +503,19 @@ def _pruned(model: nn.Module, task_id: Any, example_input: Any, what: str) -> tu
     return plain, diff, args, kwargs, kept
 
 
-def prune(model: nn.Module, task_id: int, example_input: Any = None) -> nn.Module:
+def prune(model: nn.Module, task_id: int, example_input: Any = None, *, multiple_of: int = 1) -> nn.Module:
     """A plain torch model computing ``model``'s outputs for trained task ``task_id`` (evaluation
     mode, hard masks) with every unit the task does not use removed (see the module docstring for
     what is cut and what is kept whole). It holds only torch (and timm) modules: ``torch.save``,
     ``torch.export`` and loading need no ``hat``. ``example_input``: an input to follow the model
     with and to check the result on (default: the first sample of the model's first call).
 
+    ``multiple_of``: round each cut layer's width up to a multiple of this (with units the task
+    does not use, which hold zeros), as CPU and GPU kernels run widths of 8 or 16 faster.
+
     ``model`` is left as it is. Raises if the pruned outputs differ from the HAT model's by more
     than ``1e-5`` of their scale."""
-    return _pruned(model, task_id, example_input, "prune")[0]
+    return _pruned(model, task_id, example_input, "prune", multiple_of)[0]
 
 
 def _flops(module: nn.Module, args: tuple, kwargs: dict) -> int:
@@ -522,7 +532,8 @@ def _flops(module: nn.Module, args: tuple, kwargs: dict) -> int:
     return int(counter.get_total_flops())
 
 
-def prune_report(model: nn.Module, task_ids: Any = None, example_input: Any = None) -> list[PruneReport]:
+def prune_report(model: nn.Module, task_ids: Any = None, example_input: Any = None, *,
+                 multiple_of: int = 1) -> list[PruneReport]:
     """Per trained task (``task_ids``: one id or several; default: every trained task), the pruned
     model against the unpruned plain one: parameters, FLOPs of one forward of the example, the
     largest output difference from the HAT model, and the units each pruned layer keeps."""
@@ -537,7 +548,7 @@ def prune_report(model: nn.Module, task_ids: Any = None, example_input: Any = No
         _check_task(model, t, "prune_report")
     reports = []
     for t in ids:
-        small, diff, args, kwargs, kept = _pruned(model, t, example_input, "prune_report")
+        small, diff, args, kwargs, kept = _pruned(model, t, example_input, "prune_report", multiple_of)
         full = unconvert(model, t)
         reports.append(PruneReport(
             t, sum(p.numel() for p in full.parameters()), sum(p.numel() for p in small.parameters()),

@@ -195,3 +195,48 @@ def test_export_writes_pruned_programs_that_compute_each_task(model, tmp_path, c
         want = training.predict(trained, x_test, t)
         got = program(x_test)
         assert torch.allclose(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
+
+
+def test_forget_writes_a_run_without_the_task_and_keeps_the_others_exactly(tmp_path, capsys):
+    import json
+
+    import hat
+    from hat import training
+    from hat.app import checkpoint as ckpt
+    from hat.app.experiment import build_model, split_digits
+
+    run_dir = tmp_path / "run"
+    main(["run", "--model", "cnn", "--epochs", "1", "--tasks", "3", "--out", str(run_dir),
+          "--checkpoint-every", "task"])
+    capsys.readouterr()
+
+    def reload(folder):
+        model = build_model("cnn", 3, 2)
+        found = ckpt.locate(folder)
+        ckpt.load(found, ckpt.read_meta(found), model, torch.optim.AdamW(model.parameters()), torch.Generator())
+        return model
+
+    before = reload(run_dir)
+    assert main(["forget", "--run", str(run_dir), "--task", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "Capacity before:" in printed and "Capacity after:" in printed and "Forgot task 1" in printed
+    out = tmp_path / "run-without-task-1"
+    after = reload(out)
+    assert hat.trained_tasks(after) == [0, 2]
+    summary = json.loads((out / "forget.json").read_text())
+    assert summary["forgotten"] == [1]
+    assert json.loads((out / "checkpoint" / "meta.json").read_text())["forgotten"] == [1]
+    freed = sum(layer["free"] for layer in summary["capacity"].values())
+    assert freed >= sum(layer["free"] for layer in summary["capacity_before"].values())
+    assert (out / "capacity.png").read_bytes()[:4] == b"\x89PNG"
+    for t in (0, 2):
+        x = split_digits(3)[t][2]
+        assert torch.equal(training.predict(after, x, t), training.predict(before, x, t))
+    # bad input: exit 2 with the reason, nothing written
+    with pytest.raises(SystemExit) as err:
+        main(["forget", "--run", str(run_dir), "--task", "5", "--out", str(tmp_path / "bad")])
+    assert err.value.code == 2 and "--task must be an int in [0, 3); got 5" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["forget", "--run", str(out), "--task", "1", "--out", str(tmp_path / "bad")])
+    assert "got 1, which has not been trained" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

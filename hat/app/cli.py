@@ -86,6 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop once this many tasks are trained (with --checkpoint-every task, --resume continues)")
     r.add_argument("--out", default=None, help="write results.json, accuracy_matrix.png and capacity.png here (the "
                                                "folder is created)")
+    f = commands.add_parser(
+        "forget", help="forget one task of a checkpointed run: a new run folder without it",
+        description="Load the run checkpointed in --run (made with --checkpoint-every task), forget --task with "
+                    "hat.forget_task (its rows reset, the units only it used released for later tasks, every other "
+                    "task bit-identical) and write a new run folder, resumable with hat-cl run --resume. Prints the "
+                    "capacity before and after.",
+        formatter_class=_HelpFormatter,
+    )
+    f.add_argument("--run", required=True, metavar="DIR", help="the run folder (or its checkpoint folder)")
+    f.add_argument("--task", required=True, type=int, help="the trained task to forget")
+    f.add_argument("--out", default=None, metavar="DIR", help="the new run folder (default: DIR-without-task-K)")
     r.add_argument("--export", default=None, metavar="DIR",
                    help="after training, write one pruned plain model per task to DIR (task_<t>.pt2, torch.export "
                         "archives that run with torch alone: torch.export.load(path).module()(x)) and print their "
@@ -104,21 +115,13 @@ def run(args: argparse.Namespace, log: Callable[[str], None] | None = None) -> d
     """
     from pathlib import Path
 
-    import torch
-
     from hat.app import checkpoint as _checkpoint
     from hat.app.experiment import (
         average_accuracy,
         backward_transfer,
-        build_model,
-        build_optimizer,
         capacity_report,
         forgetting,
-        permuted_fashion_mnist,
         run_sequence,
-        split_cifar,
-        split_digits,
-        split_fashion_mnist,
     )
 
     config = vars(args).copy()
@@ -129,22 +132,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] | None = None) -> d
     if config["hidden"] is None and args.model == "mlp":
         config["hidden"] = DEFAULT_HIDDEN[args.benchmark]
     start = time.perf_counter()
-    if args.benchmark == "split-fashion-mnist":
-        tasks = split_fashion_mnist(config["tasks"], data_dir=args.data_dir)
-    elif args.benchmark == "permuted-fashion-mnist":
-        tasks = permuted_fashion_mnist(config["tasks"], data_dir=args.data_dir, seed=args.seed)
-    elif args.benchmark.startswith("split-cifar"):
-        tasks = split_cifar(args.benchmark.removeprefix("split-"), config["tasks"], data_dir=args.data_dir)
-    else:
-        tasks = split_digits(config["tasks"], seed=args.seed)
-    classes = int(tasks[0][1].max()) + 1
-    with torch.random.fork_rng(devices=[]):  # seeded weight init without touching the caller's RNG
-        torch.manual_seed(args.seed)
-        model = build_model(args.model, config["tasks"], classes, s_max=args.s_max,
-                            input_shape=tuple(tasks[0][0].shape[1:]),
-                            hidden=config["hidden"], mask_init=args.mask_init)
-    optimizer = build_optimizer(args.optimizer, model.parameters(), config["lr"])
-    generator = torch.Generator().manual_seed(args.seed)
+    tasks, model, optimizer, generator = _build_run(config)
     start_task, done, elapsed = 0, None, 0.0
     if args.resume is not None:
         folder = _checkpoint.locate(Path(args.resume))
@@ -180,6 +168,93 @@ def run(args: argparse.Namespace, log: Callable[[str], None] | None = None) -> d
         "seconds": elapsed + time.perf_counter() - start,
         "args": config,
     }
+
+
+def _build_run(config: dict[str, Any]) -> tuple[list, Any, Any, Any]:
+    """The tasks, the model (weights seeded by ``config['seed']``), the optimizer and the batch
+    order generator of a run with the settings ``config`` (``run``'s arguments, defaults filled)."""
+    import torch
+
+    from hat.app.experiment import (
+        build_model,
+        build_optimizer,
+        permuted_fashion_mnist,
+        split_cifar,
+        split_digits,
+        split_fashion_mnist,
+    )
+
+    benchmark, n, data_dir, seed = config["benchmark"], config["tasks"], config["data_dir"], config["seed"]
+    if benchmark == "split-fashion-mnist":
+        tasks = split_fashion_mnist(n, data_dir=data_dir)
+    elif benchmark == "permuted-fashion-mnist":
+        tasks = permuted_fashion_mnist(n, data_dir=data_dir, seed=seed)
+    elif benchmark.startswith("split-cifar"):
+        tasks = split_cifar(benchmark.removeprefix("split-"), n, data_dir=data_dir)
+    else:
+        tasks = split_digits(n, seed=seed)
+    classes = int(tasks[0][1].max()) + 1
+    with torch.random.fork_rng(devices=[]):  # seeded weight init without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = build_model(config["model"], n, classes, s_max=config["s_max"],
+                            input_shape=tuple(tasks[0][0].shape[1:]), hidden=config["hidden"],
+                            mask_init=config["mask_init"])
+    optimizer = build_optimizer(config["optimizer"], model.parameters(), config["lr"])
+    return tasks, model, optimizer, torch.Generator().manual_seed(seed)
+
+
+def forget(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """``hat-cl forget``: load the run checkpointed in ``args.run``, forget task ``args.task``
+    (``hat.forget_task``) and write the result as a new run folder ``args.out`` (checkpoint,
+    ``forget.json``, ``capacity.png``), resumable with ``hat-cl run --resume``. Logs the capacity
+    before and after, and the remaining tasks' accuracies (the same before and after)."""
+    import json
+    from pathlib import Path
+
+    import hat
+    from hat.app import checkpoint as _checkpoint
+    from hat.app import plots as _plots
+    from hat.app.experiment import capacity_report, evaluate
+
+    folder = _checkpoint.locate(Path(args.run))
+    meta = _checkpoint.read_meta(folder)
+    config = meta["args"]
+    if config.get("method") != "hat":
+        raise _checkpoint.CheckpointError(f"forget: the run in {args.run} is a {config.get('method')} run; only HAT "
+                                          "runs have tasks to forget")
+    tasks, model, optimizer, generator = _build_run(config)
+    _checkpoint.load(folder, meta, model, optimizer, generator)
+    from hat.forget import check_trained_task
+
+    task_id = check_trained_task(model, args.task, name="--task")
+    out = Path(args.out) if args.out is not None else Path(f"{Path(args.run).resolve()}-without-task-{task_id}")
+    if (out / "checkpoint").exists():
+        raise _checkpoint.CheckpointError(f"forget: {out} already holds a checkpoint; pass another --out")
+    before = capacity_report(model)
+    kept = [t for t in hat.trained_tasks(model) if t != task_id]
+    acc_before = {t: evaluate(model, tasks[t][2], tasks[t][3], t) for t in kept}
+    result = hat.forget_task(model, task_id)
+    after = capacity_report(model)
+    acc_after = {t: evaluate(model, tasks[t][2], tasks[t][3], t) for t in kept}
+    reset = sum(int(v.sum()) for v in result.values())
+    log(f"Forgot task {task_id} of {args.run}: {reset:,} entries reset or re-initialised")
+    log("\nCapacity before:")
+    for line in _capacity_table(before):
+        log(line)
+    log("\nCapacity after:")
+    for line in _capacity_table(after):
+        log(line)
+    log("\nAccuracy of the tasks kept (before -> after): " + ", ".join(
+        f"task {t} {100 * acc_before[t]:.2f} -> {100 * acc_after[t]:.2f} %" for t in kept))
+    forgotten = sorted({*meta.get("forgotten", []), task_id})
+    _checkpoint.save(out, model, optimizer, generator, {**{k: v for k, v in meta.items() if k not in ("format",
+                     "optimizer")}, "forgotten": forgotten})
+    summary = {"run": str(args.run), "task": task_id, "forgotten": forgotten, "capacity_before": before,
+               "capacity": after, "accuracy_before": acc_before, "accuracy_after": acc_after, "args": config}
+    (out / "forget.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _plots.capacity(summary, out / "capacity.png")
+    log(f"\nWrote {out} (resume it with: hat-cl run --resume {out} ...)")
+    return summary
 
 
 # settings a resumed run may change: where files go, how often to save, what to print
@@ -275,6 +350,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "forget":
+        from hat.errors import HATError
+
+        try:
+            forget(args, log=_print_now)
+        except (DataNotFoundError, CheckpointError, HATError) as err:
+            parser.exit(2, f"hat-cl forget: {err}\n")
+        return 0
     if args.command == "run":
         if args.tasks is not None and args.tasks > MAX_TASKS[args.benchmark]:
             parser.error(f"argument --tasks: {args.benchmark} has {MAX_TASKS[args.benchmark]} tasks; got {args.tasks}")

@@ -6,8 +6,9 @@ for users who do not know about hat's own types.
 
 from __future__ import annotations
 
-__all__ = ["HATError", "HATTypeError", "HATValueError", "ModuleConversionWarning", "NoParameterToForgetWarning",
-           "TaskIndexError"]
+__all__ = ["HATError", "HATInitializationError", "HATTypeError", "HATValueError", "InsufficientMaskWarning",
+           "LearningSuppressedWarning", "MaskDimensionInferenceWarning", "MaskDimensionMismatchError",
+           "MaskerLockedError", "ModuleConversionWarning", "NoParameterToForgetWarning", "TaskIndexError"]
 
 
 class HATError(Exception):
@@ -33,3 +34,29 @@ class ModuleConversionWarning(UserWarning):
 class NoParameterToForgetWarning(UserWarning):
     """Forgetting a task released no weight or bias entry: every unit it used is also used by a
     task that stays (its own rows, embeddings and trained flag are reset all the same)."""
+
+
+# hat-cl's other exception and warning names: importable, so that its users' ``except`` clauses and
+# warning filters keep working. HAT-CL reports these situations with the errors above (their bases).
+class HATInitializationError(HATValueError):
+    """hat-cl's name for a model whose masks cannot be known yet (HAT-CL raises HATValueError)."""
+
+
+class MaskerLockedError(HATError, RuntimeError):
+    """hat-cl's name for changing a locked mask; HAT-CL has no locked masks (protection is exact)."""
+
+
+class MaskDimensionMismatchError(HATValueError):
+    """hat-cl's name for a mask that does not fit the data's shape (HAT-CL raises HATValueError)."""
+
+
+class LearningSuppressedWarning(UserWarning):
+    """hat-cl's name for a warning that a layer cannot learn; HAT-CL does not issue it."""
+
+
+class MaskDimensionInferenceWarning(UserWarning):
+    """hat-cl's name for a mask dimension guessed from the data; HAT-CL does not issue it."""
+
+
+class InsufficientMaskWarning(UserWarning):
+    """hat-cl's name for a mask too small for every task; HAT-CL does not issue it."""

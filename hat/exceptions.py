@@ -4,12 +4,19 @@ from __future__ import annotations
 
 from hat.errors import (
     HATError,
+    HATInitializationError,
     HATTypeError,
     HATValueError,
+    InsufficientMaskWarning,
+    LearningSuppressedWarning,
+    MaskDimensionInferenceWarning,
+    MaskDimensionMismatchError,
+    MaskerLockedError,
     ModuleConversionWarning,
     NoParameterToForgetWarning,
     TaskIndexError,
 )
 
-__all__ = ["HATError", "HATTypeError", "HATValueError", "ModuleConversionWarning", "NoParameterToForgetWarning",
-           "TaskIndexError"]
+__all__ = ["HATError", "HATInitializationError", "HATTypeError", "HATValueError", "InsufficientMaskWarning",
+           "LearningSuppressedWarning", "MaskDimensionInferenceWarning", "MaskDimensionMismatchError",
+           "MaskerLockedError", "ModuleConversionWarning", "NoParameterToForgetWarning", "TaskIndexError"]

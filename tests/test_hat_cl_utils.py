@@ -393,3 +393,38 @@ def test_forget_results_add_up_and_check_their_entries():
     with pytest.raises(HATValueError, match=r"cannot add ForgetResults: fc\.bias has shape \(1,\) in one and \(2,\)"):
         a + ForgetResult({"fc.bias": torch.tensor([True, True])})
     assert HATConfigOfTypes is HATConfig  # hat-cl's users import it from hat.types_
+
+
+HAT_CL_NAMES = {
+    "hat": ["HATConfig", "HATPayload", "TaskIndexedParameter", "modules", "utils", "types_"],
+    "hat.modules": ["HATLinear", "HATConv1d", "HATConv2d", "HATConv3d", "HATMasker", "TaskIndexedBatchNorm1d",
+                    "TaskIndexedBatchNorm2d", "TaskIndexedBatchNorm3d", "TaskIndexedLayerNorm"],
+    "hat.utils": ["convert_to_base_module", "convert_to_task_dependent_module", "forget_task", "forward_hat_payload",
+                  "get_hat_util", "prune_hat_module", "get_hat_reg_term", "get_hat_mask_scale",
+                  "load_from_base_module", "load_from_base_module_state_dict"],
+    "hat.types_": ["ForgetResult", "HATConfig", "Mask"],
+    "hat.payload": ["HATPayload"],
+    "hat.parameter": ["TaskIndexedParameter"],
+    "hat.constants": ["DEF_HAT_MAX_TRN_MASK_SCALE", "DEF_HAT_INIT_STRAT", "DEF_HAT_GRAD_COMP_CLAMP",
+                      "DEF_HAT_GRAD_COMP_FACTOR", "DEF_HAT_ATTN_CLAMP", "DEF_HAT_TRN_MASK_SCALE_STRAT"],
+    "hat.exceptions": ["HATInitializationError", "MaskerLockedError", "MaskDimensionMismatchError",
+                       "ModuleConversionWarning", "LearningSuppressedWarning", "MaskDimensionInferenceWarning",
+                       "NoParameterToForgetWarning", "InsufficientMaskWarning"],
+}
+
+
+@pytest.mark.parametrize("module", sorted(HAT_CL_NAMES))
+def test_hat_cl_public_names_import(module):
+    import importlib
+
+    imported = importlib.import_module(module)
+    assert [n for n in HAT_CL_NAMES[module] if not hasattr(imported, n)] == []
+
+
+def test_hat_cl_constants_are_the_config_defaults():
+    from hat import HATConfig, constants
+
+    cfg = HATConfig(num_tasks=1)
+    assert (cfg.max_trn_mask_scale, cfg.init_strat, cfg.grad_comp_clamp, cfg.grad_comp_factor, cfg.attn_clamp) == (
+        constants.DEF_HAT_MAX_TRN_MASK_SCALE, constants.DEF_HAT_INIT_STRAT, constants.DEF_HAT_GRAD_COMP_CLAMP,
+        constants.DEF_HAT_GRAD_COMP_FACTOR, constants.DEF_HAT_ATTN_CLAMP)

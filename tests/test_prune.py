@@ -178,7 +178,26 @@ def test_what_a_cut_would_change_is_kept_whole(digit_tasks):
     assert "net.fc" not in hat.prune_report(residual, 0)[0].kept  # read by a LayerNorm
     vit, _ = trained("hat_vit_tiny", digit_tasks)
     kept = hat.prune_report(vit, 0)[0].kept
-    assert set(kept) <= {"blocks.0.mlp.fc1", "blocks.1.mlp.fc1"}  # the stream is dense, heads reshaped whole
+    # the stream is dense (position embedding) and read by LayerNorms: only the MLP hidden units and the heads
+    assert set(kept) <= {f"blocks.{i}.{layer}" for i in (0, 1) for layer in ("mlp.fc1", "attn.qkv")}
+
+
+def test_attention_heads_narrow_to_the_widest_heads_used_dimensions(digit_tasks):
+    vit, prep = trained("hat_vit_tiny", digit_tasks)
+    x = prep(digit_tasks[2][2][:8])
+    pruned = hat.prune(vit, 2, x[:1]).eval()
+    for i in (0, 1):
+        on = (vit.blocks[i].attn.qkv.task_embedding.detach()[2] > 0).view(3, 3, 64)
+        widest = max(int((on[0] & on[1]).sum(1).max()), int(on[2].sum(1).max()))
+        attention = pruned.blocks[i].attn
+        assert attention.head_dim == widest < 64
+        assert attention.qkv.out_features == 3 * 3 * widest and attention.proj.in_features == 3 * widest
+    reference = training.predict(vit, x, 2, forward="set_task")
+    for fused in (True, False):  # torch's kernel with its default scale, and timm's own q * scale
+        for block in pruned.blocks:
+            block.attn.fused_attn = fused
+        with torch.no_grad():
+            assert torch.allclose(pruned(x), reference, rtol=0, atol=1e-5 * float(reference.abs().max()))
 
 
 def test_report_counts_with_the_flop_counter(digit_tasks):

@@ -377,6 +377,75 @@ def _plan(model: nn.Module, plain: nn.Module, rec: _Record, out: Any, task_id: i
     return cut_out, cut_in
 
 
+# -- attention heads ----------------------------------------------------------------------------
+def _timm_attention(module: nn.Module) -> bool:
+    """timm's ``Attention`` (ViT, DeiT ...) with nothing over its heads' dimensions: no q/k norm, no
+    norm before the projection, no gate."""
+    cls = type(module)
+    return (cls.__name__ == "Attention" and cls.__module__ == "timm.layers.attention"
+            and all(type(getattr(module, n, None)) is nn.Identity for n in ("q_norm", "k_norm", "norm"))
+            and getattr(module, "gate", None) is None and isinstance(getattr(module, "qkv", None), nn.Linear)
+            and isinstance(getattr(module, "proj", None), nn.Linear))
+
+
+def _attention_cuts(model: nn.Module, plain: nn.Module, task_id: int, cut_out: dict, cut_in: dict) -> dict[str, int]:
+    """Narrower heads for timm attentions whose qkv is a masked layer: per head, the query/key
+    dimensions both used by the task (a product with an unused one is 0) and the value dimensions
+    used, each padded with unused ones to the widest head's count (every head has one width).
+    Adds the qkv rows and projection columns kept to ``cut_out``/``cut_in``; returns the new head
+    width per attention."""
+    hat_modules = dict(model.named_modules())
+    widths = {}
+    for name, attention in plain.named_modules():
+        if not _timm_attention(attention):
+            continue
+        prefix = f"{name}." if name else ""
+        qkv, proj = hat_modules.get(prefix + "qkv"), hat_modules.get(prefix + "proj")
+        if not (isinstance(qkv, MaskedLayer) and qkv.mask_dim == qkv._hat_default_mask_dim and not qkv._hat_defer
+                and isinstance(proj, MaskedLayer)) or "_hat_read_directly" in qkv.__dict__:
+            continue
+        heads, width = attention.num_heads, attention.head_dim
+        if qkv.task_embedding.shape[1] != 3 * heads * width or proj.in_features != heads * width:
+            continue
+        on = (qkv.task_embedding.detach()[task_id] > 0).view(3, heads, width).cpu()
+        pairs, values = on[0] & on[1], on[2]
+        new = max(1, int(pairs.sum(1).max()), int(values.sum(1).max()))
+        if new == width:
+            continue
+
+        qk = [_padded(pairs[h], new) for h in range(heads)]
+        v = [_padded(values[h], new) for h in range(heads)]
+        rows = [part * heads * width + h * width + d for part, per_head in ((0, qk), (1, qk), (2, v))
+                for h in range(heads) for d in per_head[h]]
+        cut_out[prefix + "qkv"] = rows
+        cut_in[prefix + "proj"] = [h * width + d for h in range(heads) for d in v[h]]
+        widths[name] = new
+    return widths
+
+
+def _padded(used: torch.Tensor, size: int) -> list[int]:
+    """The positions ``used`` marks, and unused ones after them up to ``size`` positions, in order."""
+    chosen = used.nonzero().flatten().tolist()
+    spare = (~used).nonzero().flatten().tolist()
+    return sorted(chosen + spare[:size - len(chosen)])
+
+
+def _narrow_heads(attention: nn.Module, head_dim: int) -> None:
+    """Give a timm attention whose qkv and projection were cut its new head width. The queries are
+    scaled by sqrt(new / old), so that softmax(q k / sqrt(new)), what the fused kernel computes with
+    its default scale, equals the original softmax(q k / sqrt(old))."""
+    old = attention.head_dim
+    factor = (head_dim / old) ** 0.5
+    queries = attention.num_heads * head_dim
+    with torch.no_grad():
+        attention.qkv.weight[:queries].mul_(factor)
+        if attention.qkv.bias is not None:
+            attention.qkv.bias[:queries].mul_(factor)
+    attention.head_dim = head_dim
+    attention.attn_dim = attention.num_heads * head_dim
+    attention.scale = head_dim**-0.5
+
+
 # -- the cut ------------------------------------------------------------------------------------
 def _rows(t: torch.Tensor, keep: list[int], dim: int = 0) -> torch.Tensor:
     return t.detach().index_select(dim, torch.tensor(keep, device=t.device)).clone()
@@ -487,6 +556,7 @@ def _pruned(model: nn.Module, task_id: Any, example_input: Any, what: str,
                                 "Use hat.unconvert for a plain copy of the same size")
         ref = _eval_outputs(model, args, kwargs)
     cut_out, cut_in = _plan(model, plain, rec, out, t, multiple_of)
+    heads = _attention_cuts(model, plain, t, cut_out, cut_in)
     pruned_layers = dict(plain.named_modules())
     kept: dict[str, tuple[int, int]] = {}
     for name, keep in cut_out.items():
@@ -495,6 +565,8 @@ def _pruned(model: nn.Module, task_id: Any, example_input: Any, what: str,
         _cut_out(layer, keep)
     for name, keep in cut_in.items():
         _cut_in(pruned_layers[name], keep)
+    for name, head_dim in heads.items():
+        _narrow_heads(pruned_layers[name], head_dim)
     diff, scale = _difference(ref, _eval_outputs(plain, args, kwargs))
     if not diff <= 1e-5 * max(scale, 1e-3):
         raise HATError(f"{what}: the pruned model's outputs differ from the HAT model's by {diff:.3g} (scale "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,3 +34,19 @@ def test_example_runs_and_writes_its_plot(script, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert out.read_bytes()[:4] == b"\x89PNG"
     assert "accuracy" in done.stdout
+
+
+@pytest.mark.slow
+def test_pruning_example_exports_a_smaller_model_and_keeps_the_other_tasks_bit_identical(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "pruning.py", "--dataset", "digits", "--per-task", "64", "--repeats", "2",
+                           "--out", str(tmp_path)], cwd=EXAMPLES, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    counts = re.search(r"pruned: ([\d,]+) parameters \(full ([\d,]+)\)", done.stdout)
+    assert counts, done.stdout
+    pruned, full = (int(c.replace(",", "")) for c in counts.groups())
+    assert pruned < full
+    assert "predictions identical" in done.stdout
+    assert "loaded back: modules from ['torch'], outputs equal: True" in done.stdout
+    assert (tmp_path / "task2.pt2").is_file()
+    assert done.stdout.count("tasks 0, 2, 3, 4 bit-identical") == 2, done.stdout

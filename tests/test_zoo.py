@@ -103,6 +103,14 @@ def test_each_architecture_converts_trains_and_keeps_task_0_exact(digit_tasks, n
     assert torch.equal(after, before), f"{name}: task 0 changed by {(after - before).abs().max():.3g}"
     assert losses[-1] < losses[0], f"{name}: task 1's loss {losses}"
 
+    # hat.prune: a plain model of task 0 without the units it does not use, checked against the HAT model
+    # (it raises where a cut changes the outputs); where no exact cut exists it keeps the layers whole
+    pruned = hat.prune(model, 0, probe[:2]).eval()
+    with torch.no_grad():
+        got = pruned(probe)
+    assert torch.allclose(got, before, rtol=0, atol=1e-5 * max(float(before.abs().max()), 1.0))
+    assert sum(p.numel() for p in pruned.parameters()) <= sum(p.numel() for p in model.parameters())
+
     report = hat.coverage(model)
     counts = Counter(r.protection for r in report)
     print(f"{name}: {counts['unit']} of {len(report)} layers per unit; {dict(counts)}")

@@ -7,6 +7,7 @@ optimizer created once for the whole task sequence.
 from __future__ import annotations
 
 from hat import modules, types_, utils
+from hat.compress import CompressResult, compress
 from hat.config import HATConfig
 from hat.convert.api import convert, set_task, task, unconvert
 from hat.convert.capacity import LayerCapacity, TaskCapacity, capacity
@@ -22,6 +23,7 @@ from hat.types_ import ForgetResult
 __version__ = "0.2.0"
 
 __all__ = [
+    "CompressResult",
     "ForgetResult",
     "HATConfig",
     "HATError",
@@ -36,6 +38,7 @@ __all__ = [
     "TaskIndexedParameter",
     "__version__",
     "capacity",
+    "compress",
     "condition_gradients",
     "convert",
     "coverage",

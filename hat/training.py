@@ -54,6 +54,7 @@ __all__ = [
     "ScaleStrategy",
     "TrainStep",
     "evaluate",
+    "finetune_task",
     "get_hat_mask_scale",
     "get_hat_reg_term",
     "predict",
@@ -276,6 +277,27 @@ def train_task(model: nn.Module, optimizer: torch.optim.Optimizer, data: Any, ta
                 on_batch(TrainStep(epoch, b, num_batches, scale, loss, logits, y))
         epoch_losses.append(torch.stack(losses).mean().item() if losses else math.nan)
     return epoch_losses
+
+
+def finetune_task(model: nn.Module, optimizer: torch.optim.Optimizer, data: Any, task_id: Any, *, epochs: int = 1,
+                  batch_size: int | None = None, generator: torch.Generator | None = None,
+                  forward: Forward = "payload", loss_fn: LossFn = F.cross_entropy, max_scale: float | None = None,
+                  set_to_none: bool = True, on_batch: Callable[[TrainStep], Any] | None = None) -> list[float]:
+    """Train ``task_id`` further at the masks it has (after ``hat.compress``, as PackNet fine-tunes
+    after pruning): :func:`train_task` with every task embedding held fixed (no gradient), the mask
+    scale constant at ``max_scale`` (the masks as good as hard) and no regularizer. The weights of
+    the units the task keeps train; earlier tasks stay protected as in any step."""
+    embeddings = [m.task_embedding for m in _masked(model)]
+    flags = [p.requires_grad for p in embeddings]
+    for p in embeddings:
+        p.requires_grad_(False)
+    try:
+        return train_task(model, optimizer, data, task_id, epochs=epochs, batch_size=batch_size,
+                          generator=generator, forward=forward, loss_fn=loss_fn, scale_strat="constant",
+                          max_scale=max_scale, reg_strength=0.0, set_to_none=set_to_none, on_batch=on_batch)
+    finally:
+        for p, flag in zip(embeddings, flags):
+            p.requires_grad_(flag)
 
 
 # -- evaluation ----------------------------------------------------------------------------------

@@ -240,3 +240,14 @@ def test_forget_writes_a_run_without_the_task_and_keeps_the_others_exactly(tmp_p
         main(["forget", "--run", str(out), "--task", "1", "--out", str(tmp_path / "bad")])
     assert "got 1, which has not been trained" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_budget_leaves_free_units_and_keeps_bwt_zero(capsys):
+    plain = run(build_parser().parse_args([*QUICK, "--epochs", "2", "--tasks", "3"]))
+    budgeted = run(build_parser().parse_args([*QUICK, "--epochs", "2", "--tasks", "3", "--budget", "0.5"]))
+    assert budgeted["bwt"] == 0.0 and budgeted["forgetting"] == 0.0
+    for name, layer in budgeted["capacity"].items():
+        assert layer["free"] > plain["capacity"][name]["free"]
+    with pytest.raises(SystemExit):
+        main([*QUICK, "--budget", "1.5"])
+    assert "argument --budget: must be in (0, 1]; got 1.5" in capsys.readouterr().err

@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "sparse (every unit off)")
     r.add_argument("--reg", type=_non_negative_float, default=0.75,
                    help="weight c of the mask regularizer (paper: 0.75)")
+    r.add_argument("--budget", type=_budget, default=None, metavar="B",
+                   help="after each task, release the units it added beyond B times its fair share of the free "
+                        "units (hat.compress), then train it one more epoch at its final masks: capacity left for "
+                        "later tasks (a fraction in (0, 1]; default: off)")
     r.add_argument("--seed", type=int, default=0, help="seeds the data split, weight init and batch order")
     r.add_argument("--compare", action="store_true",
                    help="also run --method finetune on the same data and settings, and print both")
@@ -152,7 +156,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] | None = None) -> d
 
     matrix = run_sequence(model, optimizer, tasks, method=args.method, epochs=args.epochs, batch_size=args.batch_size,
                           s_max=args.s_max, reg=args.reg, generator=generator, progress=_progress(f"{args.method}"),
-                          start=start_task, matrix=done, after_task=after_task)
+                          start=start_task, matrix=done, after_task=after_task, budget=args.budget)
     exported = None
     if args.export is not None and args.method == "hat":
         from hat.app.export import export_tasks
@@ -401,6 +405,13 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def _print_now(line: str) -> None:
     print(line, flush=True)
+
+
+def _budget(text: str) -> float:
+    value = _positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1]; got {text}")
+    return value
 
 
 def _fixed(value: float, digits: int) -> str:

@@ -391,7 +391,7 @@ def run_sequence(model: nn.Module, optimizer: torch.optim.Optimizer, tasks: Sequ
                  method: Method = "hat", epochs: int = 5, batch_size: int = 32, s_max: float = 400.0,
                  reg: float = 0.75, generator: torch.Generator | None = None,
                  progress: Any = None, start: int = 0, matrix: list[list[float]] | None = None,
-                 after_task: Any = None) -> list[list[float]]:
+                 after_task: Any = None, budget: float | None = None) -> list[list[float]]:
     """Train ``tasks`` in order with one optimizer; after each, evaluate every task seen so far.
 
     ``method="hat"`` trains and evaluates task ``t`` as ``task_id=t`` (its masks and its head);
@@ -400,7 +400,9 @@ def run_sequence(model: nn.Module, optimizer: torch.optim.Optimizer, tasks: Sequ
     ``progress``: None, or ``(task, epoch, batches) -> bar`` with ``update()`` and ``close()``
     (a tqdm bar, say). ``start``/``matrix``: continue a sequence whose first ``start`` tasks are
     done (a resumed run); ``after_task(t, matrix)`` is called after each task is evaluated and
-    may return True to stop there.
+    may return True to stop there. ``budget`` (HAT only): after each task, ``hat.compress`` releases
+    the units it added beyond ``budget`` times its fair share of the free units, and one more epoch
+    (``hat.training.finetune_task``) trains it at its final masks.
     Returns the accuracy matrix, row ``t`` holding ``t + 1`` entries.
     """
     if method not in METHODS:
@@ -413,6 +415,12 @@ def run_sequence(model: nn.Module, optimizer: torch.optim.Optimizer, tasks: Sequ
         task_id = t if method == "hat" else None
         train_task(model, optimizer, (x_train, y_train), task_id, epochs, batch_size, s_max, reg, generator,
                    progress, t)
+        if budget is not None and task_id is not None:
+            from hat.compress import compress
+
+            compress(model, task_id, (x_train, y_train), budget=budget)
+            training.finetune_task(model, optimizer, (x_train, y_train), task_id, batch_size=batch_size,
+                                   generator=generator, max_scale=s_max)
         matrix.append([evaluate(model, x_te, y_te, k if method == "hat" else None)
                        for k, (_, _, x_te, y_te) in enumerate(tasks[:t + 1])])
         if after_task is not None and after_task(t, matrix):

@@ -17,7 +17,13 @@ sample of the task's data) and switches the least needed off in the task's embed
 Only the task's own embedding changes, so every other task stays bit-identical; the released
 units are free again (``hat.capacity``) and the next task's protection lets it train them.
 Recover what the release cost with one more epoch on the task at the final masks
-(``hat.training.finetune_task``), as PackNet fine-tunes after pruning.
+(``hat.training.finetune_task``), as PackNet fine-tunes after pruning. Before a task trains,
+``switch_on_free_units`` lets it start with every free unit on, so that ``compress`` picks the
+units it keeps from all that are free (with the random start, half of them never get a chance).
+
+The recipe on permuted Fashion-MNIST (``benchmarks/permuted_fashion_mnist.py``, ``hat-cl run
+--budget``): for each task, ``switch_on_free_units``, one epoch, ``compress(budget=...)``, one
+fine-tune epoch.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from hat.modules._base import HATMasked
 from hat.payload import HATPayload
 from hat.tracking.tracked import invalidate
 
-__all__ = ["CompressResult", "compress"]
+__all__ = ["CompressResult", "compress", "switch_on_free_units"]
 
 # the embedding a released unit gets: off at any mask scale the schedules reach
 _OFF = -1.0
@@ -48,6 +54,32 @@ class CompressResult(NamedTuple):
     released: dict[str, tuple[int, int]]
     accuracy_before: float
     accuracy_after: float
+
+
+def switch_on_free_units(model: nn.Module, task_id: int) -> int:
+    """Before task ``task_id`` trains: switch on, in its own embedding, every unit no other trained
+    task uses (each keeps the magnitude it has, made positive), so that training and ``compress``
+    can choose among all the free units. Units other tasks use keep their start (reusing them
+    costs nothing). Other tasks are not touched. Returns how many units were switched on."""
+    from hat._checks import check_task_id
+
+    if not isinstance(model, nn.Module):
+        raise HATTypeError(f"switch_on_free_units: model must be a torch.nn.Module; got {type(model).__name__}")
+    layers = [m for m in model.modules() if isinstance(m, HATMasked) and getattr(m, "_hat_has_weights", True)]
+    if not layers:
+        raise HATValueError(f"switch_on_free_units: {type(model).__name__} has no HAT layer")
+    t = check_task_id(task_id, layers[0].num_tasks, allow_none=False)
+    switched = 0
+    with torch.no_grad():
+        for m in layers:
+            others = m.hat_trained.clone()
+            others[t] = False
+            free = ~m.used_units(others)
+            row = m.task_embedding[t]
+            switched += int((free & (row <= 0)).sum())
+            row[free] = row[free].abs().clamp_min(1e-3)
+            invalidate(m)
+    return switched
 
 
 def _check(budget: Any, tolerance: Any, samples: Any) -> None:
@@ -115,29 +147,10 @@ def _importance(model: nn.Module, layers: list[HATMasked], forward: Any, loss_fn
     return scores
 
 
-def compress(model: nn.Module, task_id: int, data: Any, *, budget: float | None = None,
-             tolerance: float | None = None, forward: Any = "payload", loss_fn: Any = F.cross_entropy,
-             samples: int = 2048) -> CompressResult:
-    """Release the units trained task ``task_id`` added that it needs least (see the module's
-    docstring): at most ``budget`` times its fair share of the free units kept per layer, and no
-    more than ``tolerance`` of training accuracy lost (either or both). ``data``: ``(x, y)``
-    tensors of the task (the first ``samples`` are used); ``forward`` and ``loss_fn`` as in
-    ``hat.training.train_task``. Other tasks are left bit-identical. Returns what was released."""
-    from hat.forget import check_trained_task
-    from hat.training import _check_forward, _check_pair, evaluate
-
-    if not isinstance(model, nn.Module):
-        raise HATTypeError(f"compress: model must be a torch.nn.Module; got {type(model).__name__}")
-    _check(budget, tolerance, samples)
-    _check_forward(forward)
-    x, y = _check_pair(data)
-    t = check_trained_task(model, task_id)
-    x, y = x[:samples], y[:samples]
-    names = {id(m): n for n, m in model.named_modules()}
-    layers = [m for m in model.modules() if isinstance(m, HATMasked) and getattr(m, "_hat_has_weights", True)]
-    scores = _importance(model, layers, forward, loss_fn, x, y, t)
-
-    # the candidates: units this task added, least needed first; with a budget, only those beyond it
+def _candidates(model: nn.Module, layers: list[HATMasked], names: dict, t: int, budget: float | None,
+                scores: list[torch.Tensor]) -> tuple[list[tuple[float, int, int]], dict[str, int]]:
+    """The units task ``t`` added (used by no other trained task), least needed first; with a
+    budget, only those beyond it. And per layer how many it added."""
     drops: list[tuple[float, int, int]] = []
     added: dict[str, int] = {}
     for li, m in enumerate(layers):
@@ -153,33 +166,70 @@ def compress(model: nn.Module, task_id: int, data: Any, *, budget: float | None 
             ranked = ranked[:max(0, len(ranked) - keep)]
         drops += [(float(scores[li][u]), li, u) for u in ranked]
     drops.sort()
+    return drops, added
 
-    saved = [m.task_embedding.detach()[t].clone() for m in layers]
 
-    def release(count: int) -> None:
-        with torch.no_grad():
-            for m, row in zip(layers, saved):
-                m.task_embedding[t] = row
-            for _, li, u in drops[:count]:
-                layers[li].task_embedding[t, u] = _OFF
-        for m in layers:
-            invalidate(m)
+def _set_row(layers: list[HATMasked], t: int, rows: list[torch.Tensor], drops: list[tuple[float, int, int]]) -> None:
+    """Task ``t``'s embedding rows set to ``rows`` with the units ``drops`` switched off."""
+    with torch.no_grad():
+        for m, row in zip(layers, rows):
+            m.task_embedding[t] = row
+        for _, li, u in drops:
+            layers[li].task_embedding[t, u] = _OFF
+    for m in layers:
+        invalidate(m)
 
+
+def compress(model: nn.Module, task_id: int, data: Any, *, budget: float | None = None,
+             tolerance: float | None = None, forward: Any = "payload", loss_fn: Any = F.cross_entropy,
+             samples: int = 2048, rounds: int = 1) -> CompressResult:
+    """Release the units trained task ``task_id`` added that it needs least (see the module's
+    docstring): at most ``budget`` times its fair share of the free units kept per layer, and no
+    more than ``tolerance`` of training accuracy lost (either or both). ``data``: ``(x, y)``
+    tensors of the task (the first ``samples`` are used); ``forward`` and ``loss_fn`` as in
+    ``hat.training.train_task``. ``rounds``: release in that many steps, scoring the units again
+    after each (units stand in for one another). Other tasks are left bit-identical. Returns what
+    was released."""
+    from hat.forget import check_trained_task
+    from hat.training import _check_forward, _check_pair, evaluate
+
+    if not isinstance(model, nn.Module):
+        raise HATTypeError(f"compress: model must be a torch.nn.Module; got {type(model).__name__}")
+    _check(budget, tolerance, samples)
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise HATValueError(f"compress: rounds must be a positive int; got {rounds!r}")
+    _check_forward(forward)
+    x, y = _check_pair(data)
+    t = check_trained_task(model, task_id)
+    x, y = x[:samples], y[:samples]
+    names = {id(m): n for n, m in model.named_modules()}
+    layers = [m for m in model.modules() if isinstance(m, HATMasked) and getattr(m, "_hat_has_weights", True)]
+    original = [m.task_embedding.detach()[t].clone() for m in layers]
     before = evaluate(model, (x, y), t, forward=forward)
+    _, added = _candidates(model, layers, names, t, budget, [torch.zeros(m.task_embedding.shape[1]) for m in layers])
+
+    early: list[tuple[float, int, int]] = []  # released by the earlier rounds
+    for r in range(rounds - 1):
+        drops = _candidates(model, layers, names, t, budget, _importance(model, layers, forward, loss_fn, x, y, t))[0]
+        early += drops[:len(drops) // (rounds - r)]
+        _set_row(layers, t, original, early)
+    drops = early + _candidates(model, layers, names, t, budget,
+                                _importance(model, layers, forward, loss_fn, x, y, t))[0]
+
     count = len(drops)
     if tolerance is not None and drops:
-        release(count)
+        _set_row(layers, t, original, drops)
         if evaluate(model, (x, y), t, forward=forward) < before - tolerance:
             lo, hi = 0, count  # the most drops (least needed first) within the tolerance
             while lo < hi:
                 mid = (lo + hi + 1) // 2
-                release(mid)
+                _set_row(layers, t, original, drops[:mid])
                 if evaluate(model, (x, y), t, forward=forward) >= before - tolerance:
                     lo = mid
                 else:
                     hi = mid - 1
             count = lo
-    release(count)
+    _set_row(layers, t, original, drops[:count])
     after = evaluate(model, (x, y), t, forward=forward)
     released = {name: (0, n) for name, n in added.items()}
     for _, li, _ in drops[:count]:

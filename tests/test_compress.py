@@ -111,3 +111,24 @@ def test_bad_settings_are_refused_and_change_nothing(digit_tasks, kwargs, error,
         compress(model, 2, digit_tasks[0][:2], budget=0.5, forward="set_task")
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_switch_on_free_units_touches_only_the_new_tasks_row(digit_tasks):
+    from hat.compress import switch_on_free_units
+
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    _train(model, opt, digit_tasks[0], 0)
+    probe = digit_tasks[0][2][:32]
+    task_0 = _out(model, probe, 0)
+    rows_0 = [m.task_embedding.detach()[0].clone() for m in (model[1], model[3])]
+    switched = switch_on_free_units(model, 1)
+    assert switched > 0
+    for m, row in zip((model[1], model[3]), rows_0):
+        free = ~m.used_units(torch.tensor([True, False, False, False]))
+        assert bool((m.task_embedding.detach()[1][free] > 0).all())
+        assert torch.equal(m.task_embedding.detach()[0], row)
+    assert torch.equal(_out(model, probe, 0), task_0)
+    with pytest.raises(hat.TaskIndexError):
+        switch_on_free_units(model, 4)

@@ -76,9 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--reg", type=_non_negative_float, default=0.75,
                    help="weight c of the mask regularizer (paper: 0.75)")
     r.add_argument("--budget", type=_budget, default=None, metavar="B",
-                   help="after each task, release the units it added beyond B times its fair share of the free "
-                        "units (hat.compress), then train it one more epoch at its final masks: capacity left for "
-                        "later tasks (a fraction in (0, 1]; default: off)")
+                   help="each task starts with every free unit on; after it, release the units it added beyond B "
+                        "times its fair share of the free units (hat.compress), then train it one more epoch at its "
+                        "final masks: capacity left for later tasks (a fraction in (0, 1]; default: off)")
     r.add_argument("--seed", type=int, default=0, help="seeds the data split, weight init and batch order")
     r.add_argument("--compare", action="store_true",
                    help="also run --method finetune on the same data and settings, and print both")

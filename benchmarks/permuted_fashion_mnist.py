@@ -31,7 +31,7 @@ PUBLISHED = [
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--budget", type=float, default=0.7)
+    parser.add_argument("--budget", type=float, default=1.0)
     parser.add_argument("--tasks", type=int, default=10)
     parser.add_argument("--data-dir", default=None)
     args = parser.parse_args()

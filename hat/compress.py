@@ -56,15 +56,27 @@ class CompressResult(NamedTuple):
     accuracy_after: float
 
 
-def switch_on_free_units(model: nn.Module, task_id: int) -> int:
+def switch_on_free_units(model: nn.Module, task_id: int, *, reinit: bool = False,
+                         optimizer: torch.optim.Optimizer | None = None) -> int:
     """Before task ``task_id`` trains: switch on, in its own embedding, every unit no other trained
     task uses (each keeps the magnitude it has, made positive), so that training and ``compress``
     can choose among all the free units. Units other tasks use keep their start (reusing them
-    costs nothing). Other tasks are not touched. Returns how many units were switched on."""
+    costs nothing). Other tasks are not touched. Returns how many units were switched on.
+
+    ``reinit``: the weight entries no other trained task protects (those of free units, and the
+    columns reading them) start again as the layer's torch class initializes a new layer: units
+    released by earlier tasks do not start from features trained for another task. With
+    ``optimizer``, its state for those entries (momentum, Adam's moments) is zeroed too. Either
+    way, what the other tasks compute stays bit-identical."""
     from hat._checks import check_task_id
 
     if not isinstance(model, nn.Module):
         raise HATTypeError(f"switch_on_free_units: model must be a torch.nn.Module; got {type(model).__name__}")
+    if not isinstance(reinit, bool):
+        raise HATTypeError(f"switch_on_free_units: reinit must be True or False; got {reinit!r}")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise HATTypeError(f"switch_on_free_units: optimizer must be a torch.optim.Optimizer or None; got "
+                           f"{type(optimizer).__name__}")
     layers = [m for m in model.modules() if isinstance(m, HATMasked) and getattr(m, "_hat_has_weights", True)]
     if not layers:
         raise HATValueError(f"switch_on_free_units: {type(model).__name__} has no HAT layer")
@@ -78,8 +90,27 @@ def switch_on_free_units(model: nn.Module, task_id: int) -> int:
             row = m.task_embedding[t]
             switched += int((free & (row <= 0)).sum())
             row[free] = row[free].abs().clamp_min(1e-3)
+            if reinit:
+                _restart_free_entries(m, others, optimizer)
             invalidate(m)
     return switched
+
+
+def _restart_free_entries(m: HATMasked, others: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> None:
+    """Re-initialize the entries of ``m``'s weight and bias that the tasks ``others`` do not protect."""
+    from hat.forget import _initial_values, _protected
+
+    fresh = _initial_values(m)
+    for name in m._hat_unit_params:
+        p = m._parameters.get(name)
+        if p is None or not p.requires_grad or name not in fresh:
+            continue
+        free = ~_protected(m, name, p, others)
+        p[free] = fresh[name].to(p.dtype)[free]
+        state = optimizer.state.get(p) if optimizer is not None else None
+        for value in (state or {}).values():
+            if isinstance(value, torch.Tensor) and value.shape == p.shape:
+                value[free] = 0
 
 
 def _check(budget: Any, tolerance: Any, samples: Any) -> None:

@@ -46,6 +46,10 @@ def test_compress_finetune_and_later_tasks_keep_the_others_bit_identical(digit_t
     probe = digit_tasks[0][2][:32]
     _train(model, opt, digit_tasks[0], 0)
     task_0 = _out(model, probe, 0)
+    from hat.compress import switch_on_free_units
+
+    assert switch_on_free_units(model, 1, reinit=True, optimizer=opt) > 0
+    assert torch.equal(_out(model, probe, 0), task_0)
     _train(model, opt, digit_tasks[1], 1)
     result = compress(model, 1, digit_tasks[1][:2], budget=0.5, forward="set_task")
     assert sum(r for r, _ in result.released.values()) > 0
@@ -53,6 +57,9 @@ def test_compress_finetune_and_later_tasks_keep_the_others_bit_identical(digit_t
     training.finetune_task(model, opt, digit_tasks[1][:2], 1, batch_size=32, forward="set_task", max_scale=100)
     task_1 = _out(model, probe, 1)
     assert torch.equal(_out(model, probe, 0), task_0)
+    switch_on_free_units(model, 2, reinit=True, optimizer=opt)
+    assert torch.equal(_out(model, probe, 0), task_0)
+    assert torch.equal(_out(model, probe, 1), task_1)
     _train(model, opt, digit_tasks[2], 2)
     assert torch.equal(_out(model, probe, 0), task_0)
     assert torch.equal(_out(model, probe, 1), task_1)

@@ -401,7 +401,8 @@ def run_sequence(model: nn.Module, optimizer: torch.optim.Optimizer, tasks: Sequ
     (a tqdm bar, say). ``start``/``matrix``: continue a sequence whose first ``start`` tasks are
     done (a resumed run); ``after_task(t, matrix)`` is called after each task is evaluated and
     may return True to stop there. ``budget`` (HAT only): each task starts with every free unit
-    on (``hat.compress.switch_on_free_units``); after it, ``hat.compress`` releases
+    on and its free weights re-initialized (``hat.compress.switch_on_free_units``); after it,
+    ``hat.compress`` releases
     the units it added beyond ``budget`` times its fair share of the free units, and one more epoch
     (``hat.training.finetune_task``) trains it at its final masks.
     Returns the accuracy matrix, row ``t`` holding ``t + 1`` entries.
@@ -417,7 +418,7 @@ def run_sequence(model: nn.Module, optimizer: torch.optim.Optimizer, tasks: Sequ
         if budget is not None and task_id is not None:
             from hat.compress import switch_on_free_units
 
-            switch_on_free_units(model, task_id)
+            switch_on_free_units(model, task_id, reinit=True, optimizer=optimizer)
         train_task(model, optimizer, (x_train, y_train), task_id, epochs, batch_size, s_max, reg, generator,
                    progress, t)
         if budget is not None and task_id is not None:

@@ -418,7 +418,7 @@ def run_sequence(model: nn.Module, optimizer: torch.optim.Optimizer, tasks: Sequ
         if budget is not None and task_id is not None:
             from hat.compress import switch_on_free_units
 
-            switch_on_free_units(model, task_id, reinit=True, optimizer=optimizer)
+            switch_on_free_units(model, task_id, reinit=True)
         train_task(model, optimizer, (x_train, y_train), task_id, epochs, batch_size, s_max, reg, generator,
                    progress, t)
         if budget is not None and task_id is not None:

@@ -174,8 +174,8 @@ def split_fashion_mnist(num_tasks: int = 5, data_dir: str | Path | None = None) 
 def permuted_fashion_mnist(num_tasks: int = 10, data_dir: str | Path | None = None, seed: int = 0) -> list[Task]:
     """Permuted Fashion-MNIST: every task is the whole 10-class problem with its own fixed
     permutation of the 784 pixels (task 0 unpermuted), so tasks share no input structure and
-    compete for capacity. Permutations come from ``seed``."""
-    _check_num_tasks(num_tasks, 10, "one permutation per task")
+    compete for capacity. Permutations come from ``seed``. Up to 20 tasks (each about 220 MB)."""
+    _check_num_tasks(num_tasks, 20, "one permutation per task; each task holds its own copy of the data")
     x_tr, y_tr, x_te, y_te = _load_fashion(data_dir)
     x_tr = x_tr.reshape(len(x_tr), -1).float().div_(255)
     x_te = x_te.reshape(len(x_te), -1).float().div_(255)

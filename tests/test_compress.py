@@ -139,3 +139,26 @@ def test_switch_on_free_units_touches_only_the_new_tasks_row(digit_tasks):
     assert torch.equal(_out(model, probe, 0), task_0)
     with pytest.raises(hat.TaskIndexError):
         switch_on_free_units(model, 4)
+
+
+def test_the_budget_recipe_on_hat_resnet18s_keeps_earlier_tasks_exact(digit_tasks):
+    import timm
+
+    import hat.timm_models  # registers hat_resnet18s
+    from hat.compress import switch_on_free_units
+
+    torch.manual_seed(0)
+    model = timm.create_model("hat_resnet18s", hat_config=hat.HATConfig(num_tasks=3), num_classes=2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    rgb = [(x.repeat(1, 3, 2, 2)[:64], y[:64], xt.repeat(1, 3, 2, 2)[:16]) for x, y, xt, _ in digit_tasks[:3]]
+    outputs = {}
+    for t, (x, y, probe) in enumerate(rgb):
+        switch_on_free_units(model, t, reinit=t > 0)
+        training.train_task(model, opt, (x, y), t, epochs=1, batch_size=32, forward="set_task", max_scale=100)
+        result = compress(model, t, (x, y), budget=1.0, forward="set_task")
+        released = sum(r for r, _ in result.released.values())
+        assert released > 0 if t < 2 else released == 0  # the last task may keep every free unit
+        training.finetune_task(model, opt, (x, y), t, batch_size=32, forward="set_task", max_scale=100)
+        outputs[t] = _out(model, probe, t)
+        for k in range(t):
+            assert torch.equal(_out(model, rgb[k][2], k), outputs[k]), f"task {k} changed while task {t} trained"

@@ -13,6 +13,7 @@ from hat import training
 from hat.compress import compress
 
 from convert_models import sequential_cnn
+from models import OPTIMIZERS  # the invariant tests' optimizers
 
 
 def _mlp() -> nn.Module:
@@ -30,15 +31,10 @@ def _out(model, x, t):
     return training.predict(model, x, t, forward="set_task")
 
 
-OPTIMIZERS = {
-    "adam": lambda p: torch.optim.Adam(p, lr=1e-2),
-    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.05),
-    "sgd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3),
-}
 
 
 @pytest.mark.parametrize("arch", ["mlp", "cnn_bn"])
-@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 def test_compress_finetune_and_later_tasks_keep_the_others_bit_identical(digit_tasks, arch, optimizer):
     torch.manual_seed(0)
     model = _mlp() if arch == "mlp" else hat.convert(sequential_cnn(), hat.HATConfig(num_tasks=4))

@@ -92,7 +92,7 @@ def switch_on_free_units(model: nn.Module, task_id: int, *, reinit: bool = False
             row = m.task_embedding[t]
             switched += int((free & (row <= 0)).sum())
             row[free] = row[free].abs().clamp_min(1e-3)
-            if reinit:
+            if reinit and bool(others.any()):  # before any task trained nothing is stale: nothing to restart
                 _restart_free_entries(m, others, optimizer)
             invalidate(m)
     return switched

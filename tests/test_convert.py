@@ -477,3 +477,27 @@ def test_frozen_embeddings_still_record_and_protect_tasks_when_batchnorm_applies
         train_task(model, optimizer, *digit_tasks[1][:2], 1, forward, epochs=1)
     assert hat.trained_tasks(model) == [0, 1]
     assert torch.equal(eval_logits(model, x_probe, 0, forward), before)
+
+
+def test_a_transformer_encoder_layer_evaluates_under_no_grad_and_keeps_earlier_tasks(digit_tasks):
+    """torch's fused inference kernel of nn.TransformerEncoderLayer cannot read task-indexed norms:
+    a converted layer runs its own forward in evaluation too, and its plain copy the kernel again."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(2), nn.Linear(8, 16), nn.TransformerEncoderLayer(16, 2, 32, batch_first=True),
+                          nn.Flatten(), nn.Linear(8 * 16, 2))
+    hat.convert(model, HATConfig(num_tasks=2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+    probe = digit_tasks[0][2][:32].squeeze(1)  # [N, 8 tokens, 8 features]
+    for t in (0, 1):
+        x, y = digit_tasks[t][:2]
+        training.train_task(model, optimizer, (x.squeeze(1), y), t, epochs=2, batch_size=32, forward="set_task",
+                            max_scale=100)
+        if t == 0:
+            with torch.no_grad():
+                task_0 = training.predict(model, probe, 0, forward="set_task")
+    with torch.no_grad():
+        assert torch.equal(training.predict(model, probe, 0, forward="set_task"), task_0)
+    plain = hat.unconvert(model, 0).eval()
+    assert plain[2].activation_relu_or_gelu  # the fused kernel is back for the plain copy
+    with torch.no_grad():
+        assert torch.allclose(plain(probe), task_0, atol=1e-5)

@@ -324,10 +324,23 @@ def convert(model: nn.Module, hat_config: HATConfig, *, include: Pattern = None,
         setattr(modules[parent_name] if parent_name else model, attr, new)
     for m, names in per_task:
         make_task_parameters(m, names, hat_config.num_tasks)
+    _without_fast_path(model)
     model.__dict__["_hat_shared_norms"] = shared
     model.__dict__["_hat_plain_heads"] = plain_heads
     _ensure_root_hook(model)
     return model
+
+
+def _without_fast_path(model: nn.Module) -> None:
+    """torch's fused inference kernel for ``nn.TransformerEncoderLayer`` (eval, no grad) reads the
+    layer's norms and projections as plain tensors, so it cannot take task-indexed rows or masks.
+    The layer's flag that gates it is turned off (its own forward, exactly the same math, runs
+    instead); ``unconvert`` turns it back on."""
+    for m in model.modules():
+        if isinstance(m, nn.TransformerEncoderLayer) and getattr(m, "activation_relu_or_gelu", False) and any(
+                isinstance(c, TaskTracked) for c in m.modules()):
+            m.__dict__["_hat_fast_path"] = m.activation_relu_or_gelu
+            m.activation_relu_or_gelu = False
 
 
 def unconvert(model: nn.Module, task_id: Any) -> nn.Module:
@@ -364,6 +377,8 @@ def _scrubbed(model: nn.Module) -> nn.Module:
     """``model`` without what hat added to its modules (the HAT methods of a hat.timm_models class,
     the config and the trace's notes): pickling it, and loading it, needs no ``hat``."""
     for m in model.modules():
+        if "_hat_fast_path" in m.__dict__:  # torch's fused kernel reads plain layers again
+            m.activation_relu_or_gelu = m.__dict__["_hat_fast_path"]
         for key in [k for k in m.__dict__ if k.startswith("_hat_") or k == "hat_config"]:
             del m.__dict__[key]
         built_with = m.__dict__.get("_model_args")  # timm keeps create_model's keyword arguments

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hat.convert.trace import evaluating
 from hat.errors import HATTypeError, HATValueError
 from hat.modules._base import HATMasked
 from hat.payload import HATPayload
@@ -130,7 +131,9 @@ def _check(budget: Any, tolerance: Any, samples: Any) -> None:
         if not (math.isfinite(tolerance) and tolerance >= 0):
             raise HATValueError(f"compress: tolerance must be a finite number >= 0 (a fraction of accuracy); "
                                 f"got {tolerance!r}")
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+    if isinstance(samples, bool) or not isinstance(samples, int):
+        raise HATTypeError(f"compress: samples must be a positive int; got {samples!r}")
+    if samples < 1:
         raise HATValueError(f"compress: samples must be a positive int; got {samples!r}")
 
 
@@ -153,17 +156,13 @@ def _importance(model: nn.Module, layers: list[HATMasked], forward: Any, loss_fn
             outputs[id(module)].append(t)
 
     handles = [m.register_forward_hook(keep) for m in layers]
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()  # hard masks, running statistics: the network the task is evaluated with
-    try:
-        with torch.enable_grad():
+    try:  # evaluation mode: hard masks, running statistics, the network the task is evaluated with
+        with evaluating(model), torch.enable_grad():
             loss = loss_fn(_logits(model, forward, x, task_id), y)
             loss.backward()
     finally:
         for h in handles:
             h.remove()
-        for m, flag in flags:
-            m.training = flag
     scores = []
     for m in layers:
         units = m.task_embedding.shape[1]

@@ -29,7 +29,6 @@ How the model is called for a batch is ``forward``:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import numbers
@@ -42,6 +41,7 @@ from torch import nn
 
 from hat._checks import check_mask_scale, check_positive, check_task_id
 from hat.convert.api import set_task, task
+from hat.convert.trace import evaluating
 from hat.errors import HATTypeError, HATValueError
 from hat.masks.group import group_of
 from hat.modules._base import HATMasked
@@ -313,7 +313,7 @@ def predict(model: nn.Module, x: torch.Tensor, task_id: Any, *, forward: Forward
     _check_forward(forward)
     if batch_size is not None:
         _check_positive_int(batch_size, "batch_size")
-    with _eval_mode(model):
+    with evaluating(model):
         if batch_size is None:
             return _call(model, forward, x, task_id, None)
         return torch.cat([_call(model, forward, part, task_id, None) for part in x.split(batch_size)])
@@ -339,7 +339,7 @@ def evaluate(model: nn.Module, data: Any, task_id: Any, *, forward: Forward = "p
     _check_model(model)
     _check_forward(forward)
     correct = total = 0
-    with _eval_mode(model):
+    with evaluating(model):
         for x, y in batches:
             correct += int((_call(model, forward, x, task_id, None).argmax(1) == y).sum())
             total += len(y)
@@ -361,17 +361,6 @@ def _call(model: nn.Module, forward: Forward, x: torch.Tensor, task_id: int | No
         set_task(model, task_id, mask_scale=scale)
         return model(x)
     return forward(model, x, task_id, scale)
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """``model.eval()`` inside, the model's own mode restored after (on error too)."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 class _TensorBatches:

@@ -97,7 +97,7 @@ def export_tasks(model: nn.Module, tasks: list[Task], folder: Path) -> list[dict
         torch.export.save(program, path)
         rows.append({"task": t, "file": path.name, "params": report.params, "params_pruned": report.params_pruned,
                      "flops": report.flops, "flops_pruned": report.flops_pruned,
-                     "max_abs_diff": report.max_abs_diff, "input_shape": list(x.shape[1:])})
+                     "max_abs_diff": report.max_abs_diff, "example_shape": list(x.shape)})
     (folder / "export.json").write_text(json.dumps(rows, indent=2) + "\n")
     return rows
 
@@ -107,7 +107,7 @@ def format_export(rows: list[dict[str, Any]], folder: Path | str) -> str:
     lines = [f"Exported pruned models to {folder} (torch.export.load(path).module() runs them with torch alone):",
              "  task  file        params full -> pruned        FLOPs/sample full -> pruned    max |diff|"]
     for r in rows:
-        per = 2  # the example batch
+        per = r["example_shape"][0]  # FLOPs were counted on this many samples
         lines.append(f"  {r['task']:>4}  {r['file']:<10}  {r['params']:>10,} -> {r['params_pruned']:>10,} "
                      f"({100 * r['params_pruned'] / r['params']:5.1f} %)  "
                      f"{r['flops'] / per / 1e6:8.2f}M -> {r['flops_pruned'] / per / 1e6:8.2f}M "

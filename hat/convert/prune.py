@@ -160,27 +160,9 @@ def _cut_follows(rec: _Record, name: str, args: Any, kwargs: Any, flat_in: list,
 
 
 def _recorded(model: nn.Module, args: tuple, kwargs: dict) -> tuple[_Record, Any]:
-    """One recording forward of ``model`` (eval mode, no grad); the recorder and the output."""
-    rec = _Record()
-    modules = _modules_for(model, "prune")
-    rec.weights = {id(m.weight): m for m in modules if isinstance(m, HATMasked) and isinstance(
-        getattr(m, "weight", None), torch.Tensor)}
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    token = _trace._ACTIVE.set(rec)
-    try:
-        with torch.no_grad(), rec:
-            for a in tree_flatten((args, kwargs))[0]:
-                if isinstance(a, HATPayload):
-                    a = a._raw
-                if isinstance(a, torch.Tensor):
-                    rec.put(a, _trace.INPUT)
-            out = model(*args, **kwargs)
-    finally:
-        _trace._ACTIVE.reset(token)
-        for m, flag in flags:
-            m.training = flag
-    return rec, out
+    """One recording forward of ``model`` (the first-call trace's, by a ``_Record``)."""
+    rec = _trace._record(model, args, kwargs, _modules_for(model, "prune"), set(), rec=_Record())
+    return rec, rec.output
 
 
 # -- what to keep -----------------------------------------------------------------------------
@@ -520,14 +502,8 @@ def _outputs(out: Any) -> list[torch.Tensor]:
 
 
 def _eval_outputs(module: nn.Module, args: tuple, kwargs: dict) -> list[torch.Tensor]:
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        with torch.no_grad():
-            return _outputs(module(*args, **kwargs))
-    finally:
-        for m, flag in flags:
-            m.training = flag
+    with _trace.evaluating(module), torch.no_grad():
+        return _outputs(module(*args, **kwargs))
 
 
 def _difference(ref: list[torch.Tensor], got: list[torch.Tensor]) -> tuple[float, float]:
@@ -596,14 +572,8 @@ def prune(model: nn.Module, task_id: int, example_input: Any = None, *, multiple
 def _flops(module: nn.Module, args: tuple, kwargs: dict) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            module(*args, **kwargs)
-    finally:
-        for m, flag in flags:
-            m.training = flag
+    with _trace.evaluating(module), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(*args, **kwargs)
     return int(counter.get_total_flops())
 
 

@@ -34,6 +34,8 @@ part of what earlier tasks computed, and stays.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -92,6 +94,7 @@ class _Recorder(TorchFunctionMode):
         self.weights: dict[int, nn.Module] = {}  # id(weight of a masked layer) -> the layer
         self.dense_norms: set[nn.Module] = set()  # norms found fed different units in different calls
         self.read_directly: dict[nn.Module, str] = {}  # masked layer -> the op that read its weight by hand
+        self.output: Any = None  # what the recorded call returned
 
     def get(self, t: torch.Tensor) -> _Units | None:
         entry = self.units.get(id(t))
@@ -682,27 +685,38 @@ def _norm_map(m: Any, seen: list[tuple[_Units, int]]) -> _units.UnitMap | None:
     return None
 
 
-def _record(root: nn.Module, args: tuple, kwargs: dict, modules: list, dense_norms: set) -> _Recorder:
-    """One recording forward (evaluation mode, no grad)."""
-    rec = _Recorder()
+@contextlib.contextmanager
+def evaluating(root: nn.Module) -> Iterator[None]:
+    """``root`` and every module in it in evaluation mode inside; each module's own mode restored
+    after (on error too), also where a model mixes modes."""
+    flags = [(m, m.training) for m in root.modules()]
+    root.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _record(root: nn.Module, args: tuple, kwargs: dict, modules: list, dense_norms: set,
+            rec: _Recorder | None = None) -> _Recorder:
+    """One recording forward (evaluation mode, no grad) by ``rec`` (default: a new ``_Recorder``);
+    the model's output is left in ``rec.output``."""
+    rec = _Recorder() if rec is None else rec
     rec.dense_norms = dense_norms
     rec.weights = {id(m.weight): m for m in modules if isinstance(m, HATMasked) and isinstance(
         getattr(m, "weight", None), torch.Tensor)}
-    flags = [(m, m.training) for m in root.modules()]
-    root.eval()
     token = _ACTIVE.set(rec)
     try:
-        with torch.no_grad(), rec:
+        with evaluating(root), torch.no_grad(), rec:
             for a in tree_flatten((args, kwargs))[0]:
                 if isinstance(a, HATPayload):  # a model taking payloads at its root (hat.timm_models)
                     a = a._raw
                 if isinstance(a, torch.Tensor):
                     rec.put(a, INPUT)
-            root(*args, **kwargs)
+            rec.output = root(*args, **kwargs)
     finally:
         _ACTIVE.reset(token)
-        for m, flag in flags:
-            m.training = flag
     return rec
 
 

@@ -6,7 +6,7 @@ optimizer created once for the whole task sequence.
 
 from __future__ import annotations
 
-from hat import modules, types_, utils
+from hat import modules, task_prediction, types_, utils
 from hat.compress import CompressResult, compress
 from hat.config import HATConfig
 from hat.convert.api import convert, set_task, task, unconvert
@@ -18,6 +18,7 @@ from hat.forget import forget_task
 from hat.modules.task_parameter import TaskIndexedParameter
 from hat.payload import HATPayload
 from hat.protect.hooks import condition_gradients, mark_trained, trained_tasks
+from hat.task_prediction import Prediction, TaskPrediction, fit_task_scores, predict, predict_task, scored_tasks
 from hat.types_ import ForgetResult
 
 __version__ = "0.2.0"
@@ -32,23 +33,30 @@ __all__ = [
     "HATValueError",
     "LayerCapacity",
     "LayerCoverage",
+    "Prediction",
     "PruneReport",
     "TaskCapacity",
     "TaskIndexError",
     "TaskIndexedParameter",
+    "TaskPrediction",
     "__version__",
     "capacity",
     "compress",
     "condition_gradients",
     "convert",
     "coverage",
+    "fit_task_scores",
     "forget_task",
     "mark_trained",
     "modules",
+    "predict",
+    "predict_task",
     "prune",
     "prune_report",
+    "scored_tasks",
     "set_task",
     "task",
+    "task_prediction",
     "trained_tasks",
     "types_",
     "unconvert",

@@ -29,6 +29,7 @@ from hat._checks import check_task_id
 from hat.errors import HATTypeError, HATValueError
 from hat.modules._base import HATMasked
 from hat.protect.hooks import _plain_used, trained_tasks
+from hat.task_prediction import drop as drop_task_scores
 from hat.tracking.tracked import TaskTracked, invalidate, task_modules
 from hat.types_ import ForgetResult
 
@@ -59,7 +60,8 @@ def forget_task(model: nn.Module, task_id: Any, *, dry_run: bool = False, seed: 
       (``HATConfig.init_strat``, from torch's global random generator); its rows of task-indexed
       norms (weight, bias, running statistics), heads (``TaskIndexedLinear``) and per-task
       parameters are copied from the no-task row, which holds the values the layer was converted
-      or built with; its trained flag is cleared (``hat.trained_tasks`` no longer lists it).
+      or built with; its trained flag is cleared (``hat.trained_tasks`` no longer lists it); its
+      task-prediction statistics (``hat.fit_task_scores``) are removed.
     - Weight and bias entries that HAT's conditioning protected while ``task_id`` was trained,
       and does not protect for the trained tasks that stay, are released: ``hat.capacity`` counts
       their units as free and the next task trains them. They are re-initialised as the layer's
@@ -112,6 +114,7 @@ def forget_tasks(model: nn.Module, task_ids: Iterable[Any], *, locked_task_ids: 
         with _drawing(model, seed):
             _apply(changes, tasks)
         _untrain(model, modules, tasks)
+        drop_task_scores(model, tasks)  # its task-prediction statistics go with it
     return result, released
 
 

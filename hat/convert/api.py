@@ -153,6 +153,10 @@ def _ensure_root_hook(root: nn.Module) -> None:
     if "_hat_root_hook" not in root.__dict__:
         handle = root.register_forward_pre_hook(_root_pre_hook, with_kwargs=True)
         root.__dict__["_hat_root_hook"] = handle.id
+    if "_hat_scores_load_hook" not in root.__dict__:  # a state dict with task-prediction statistics loads as is
+        from hat.task_prediction import shape_from_state_dict
+
+        root.__dict__["_hat_scores_load_hook"] = root.register_load_state_dict_pre_hook(shape_from_state_dict).id
 
 
 # -- conversion -------------------------------------------------------------------------------
@@ -362,6 +366,11 @@ def unconvert(model: nn.Module, task_id: Any) -> nn.Module:
         clone._forward_pre_hooks_with_kwargs.pop(hook, None)
     for key in ("_hat_shared_norms", "_hat_plain_heads"):
         clone.__dict__.pop(key, None)
+    scores_hook = clone.__dict__.pop("_hat_scores_load_hook", None)
+    if scores_hook is not None:  # a one-task plain model has no task to predict
+        clone._load_state_dict_pre_hooks.pop(scores_hook, None)
+    for name in [n for n in clone._buffers if n.startswith("hat_task_scores_")]:
+        del clone._buffers[name]
     replace = [(n, m) for n, m in clone.named_modules() if isinstance(m, TaskTracked)]
     # deepest first: a module's plain copy then holds the plain copies of its children
     for name, m in sorted(replace, key=lambda item: -(item[0].count(".") + bool(item[0]))):

@@ -18,6 +18,7 @@ from typing import Any
 
 __all__ = ["build_parser", "format_results", "main", "run"]
 
+SCENARIOS = ("task-incremental", "class-incremental")
 BENCHMARKS = ("split-digits", "split-fashion-mnist", "permuted-fashion-mnist", "split-cifar10", "split-cifar100")
 MAX_TASKS = {"split-digits": 5, "split-fashion-mnist": 5, "permuted-fashion-mnist": 20, "split-cifar10": 5,
              "split-cifar100": 10}
@@ -81,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="each task starts with every free unit on; after it, release the units it added beyond B "
                         "times its fair share of the free units (hat.compress), then train it one more epoch at its "
                         "final masks: capacity left for later tasks (a fraction in (0, 1]; default: off)")
+    r.add_argument("--scenario", choices=SCENARIOS, default="task-incremental",
+                   help="task-incremental: the task id is given at test time; class-incremental: it is not: after "
+                        "each task HAT records its statistics (hat.fit_task_scores) and every test sample seen so "
+                        "far is classified among all classes seen so far (hat.predict); fine-tuning then has one "
+                        "shared head over all classes")
     r.add_argument("--seed", type=int, default=0, help="seeds the data split, weight init and batch order")
     r.add_argument("--compare", action="store_true",
                    help="also run --method finetune on the same data and settings, and print both")
@@ -118,19 +124,28 @@ def run(args: argparse.Namespace, log: Callable[[str], None] | None = None) -> d
     :func:`hat.app.experiment.capacity_report`, per layer and task; ``{}`` for fine-tuning),
     ``seconds`` and ``args`` (a dict, with the learning rate filled in). ``log``, if given, gets
     one line per trained task of a HAT run: each layer's units used, added and free.
+
+    Class-incremental runs (``--scenario class-incremental``) add ``cil_matrix`` (row ``t``: the
+    accuracy on each task's test samples after task ``t``, no task id given), ``cil_accuracy``
+    (after the last task, over every test sample seen, %), ``task_prediction_accuracy`` (%, HAT)
+    and ``til_accuracy`` (%, HAT: the task-incremental average accuracy beside them). For
+    fine-tuning, ``matrix`` is the class-incremental one (one shared head over all classes).
     """
     from pathlib import Path
 
+    import hat
     from hat.app import checkpoint as _checkpoint
     from hat.app.experiment import (
         average_accuracy,
         backward_transfer,
         capacity_report,
+        evaluate_class_incremental,
         forgetting,
         run_sequence,
     )
 
     config = vars(args).copy()
+    config.setdefault("scenario", "task-incremental")
     if config["lr"] is None:
         config["lr"] = DEFAULT_LR[args.optimizer]
     if config["tasks"] is None:
@@ -140,20 +155,35 @@ def run(args: argparse.Namespace, log: Callable[[str], None] | None = None) -> d
     start = time.perf_counter()
     tasks, model, optimizer, generator = _build_run(config)
     start_task, done, elapsed = 0, None, 0.0
+    cil = config["scenario"] == "class-incremental"
+    cil_rows: list[list[float]] = []
+    cil_last: dict[str, Any] = {}
     if args.resume is not None:
         folder = _checkpoint.locate(Path(args.resume))
         meta = _checkpoint.read_meta(folder)
         _check_same_settings(meta["args"], config)
         _checkpoint.load(folder, meta, model, optimizer, generator)
         start_task, done, elapsed = meta["tasks_done"], meta["matrix"], meta["seconds"]
+        cil_rows, cil_last = meta.get("cil_matrix", []), meta.get("cil_last", {})
 
     def after_task(t: int, matrix: list[list[float]]) -> bool:
+        nonlocal cil_last
         if log is not None and args.method == "hat":
             log(_capacity_line(t, capacity_report(model)))
+        if cil:
+            if args.method == "hat":  # what task prediction needs, from the task's training data, once
+                hat.fit_task_scores(model, t, (tasks[t][0], tasks[t][1]))
+            cil_last = evaluate_class_incremental(model, tasks[:t + 1], args.method)
+            cil_rows.append(cil_last["per_task"])
+            if log is not None:
+                log(f"task {t}: class-incremental accuracy {100 * cil_last['accuracy']:.2f} % over tasks 0-{t}" + (
+                    f", task prediction {100 * cil_last['task_prediction']:.2f} %" if "task_prediction" in cil_last
+                    else ""))
         if args.checkpoint_every == "task":
             _checkpoint.save(Path(args.out), model, optimizer, generator,
                              {"args": config, "tasks_done": t + 1, "matrix": matrix,
-                              "seconds": elapsed + time.perf_counter() - start})
+                              "seconds": elapsed + time.perf_counter() - start,
+                              **({"cil_matrix": cil_rows, "cil_last": cil_last} if cil else {})})
         return args.stop_after is not None and t + 1 >= args.stop_after
 
     matrix = run_sequence(model, optimizer, tasks, method=args.method, epochs=args.epochs, batch_size=args.batch_size,
@@ -164,7 +194,14 @@ def run(args: argparse.Namespace, log: Callable[[str], None] | None = None) -> d
         from hat.app.export import export_tasks
 
         exported = export_tasks(model, tasks, Path(args.export))
+    extra: dict[str, Any] = {}
+    if cil:
+        extra = {"cil_matrix": cil_rows, "cil_accuracy": 100 * cil_last["accuracy"],
+                 "task_prediction_accuracy": (100 * cil_last["task_prediction"] if "task_prediction" in cil_last
+                                              else None),
+                 "til_accuracy": 100 * average_accuracy(matrix) if args.method == "hat" else None}
     return {
+        **extra,
         "matrix": matrix,
         "average_accuracy": average_accuracy(matrix),
         "bwt": backward_transfer(matrix),
@@ -184,6 +221,7 @@ def _build_run(config: dict[str, Any]) -> tuple[list, Any, Any, Any]:
     from hat.app.experiment import (
         build_model,
         build_optimizer,
+        class_incremental,
         permuted_fashion_mnist,
         split_cifar,
         split_digits,
@@ -200,6 +238,9 @@ def _build_run(config: dict[str, Any]) -> tuple[list, Any, Any, Any]:
     else:
         tasks = split_digits(n, seed=seed)
     classes = int(tasks[0][1].max()) + 1
+    if config.get("scenario") == "class-incremental" and config["method"] == "finetune":
+        tasks = class_incremental(tasks)  # one shared head over every class of the sequence
+        classes = int(tasks[-1][1].max()) + 1
     with torch.random.fork_rng(devices=[]):  # seeded weight init without touching the caller's RNG
         torch.manual_seed(seed)
         model = build_model(config["model"], n, classes, s_max=config["s_max"],
@@ -270,6 +311,7 @@ _RESUMABLE = {"command", "out", "resume", "checkpoint_every", "stop_after", "com
 def _check_same_settings(saved: dict[str, Any], now: dict[str, Any]) -> None:
     from hat.app.checkpoint import CheckpointError
 
+    saved = {"scenario": "task-incremental", **saved}  # checkpoints from before the option
     differ = [f"{k}={saved.get(k)!r} (now {now.get(k)!r})" for k in sorted(set(saved) | set(now))
               if k not in _RESUMABLE and saved.get(k) != now.get(k)]
     if differ:
@@ -300,7 +342,8 @@ def format_results(results: dict[str, Any]) -> str:
     n = len(matrix)
     lines = [
         f"{a['benchmark']}  model={a['model']}  method={a['method']}  optimizer={a['optimizer']}  lr={a['lr']:g}  "
-        f"epochs={a['epochs']}  batch={a['batch_size']}  s_max={a['s_max']:g}  reg={a['reg']:g}  seed={a['seed']}",
+        f"epochs={a['epochs']}  batch={a['batch_size']}  s_max={a['s_max']:g}  reg={a['reg']:g}  seed={a['seed']}"
+        + ("  scenario=class-incremental" if a.get("scenario") == "class-incremental" else ""),
         "",
         "Accuracy (%): row = after training task t, column = task k",
         "          " + "".join(f"{f'task {k}':>8}" for k in range(n)),
@@ -313,6 +356,17 @@ def format_results(results: dict[str, Any]) -> str:
         f"BWT: {_fixed(100 * results['bwt'], 3)} pp",
         f"Forgetting: {_fixed(100 * results.get('forgetting', 0.0), 3)} pp",
     ]
+    if results.get("cil_matrix"):
+        lines += ["", "Class-incremental accuracy (%), no task id given: row = after training task t, column = "
+                      "task k's test samples among every class seen so far",
+                  "          " + "".join(f"{f'task {k}':>8}" for k in range(n))]
+        for t, row in enumerate(results["cil_matrix"]):
+            lines.append(f"after {t:<4}" + "".join(f"{100 * acc:8.1f}" for acc in row))
+        summary = f"Class-incremental accuracy: {results['cil_accuracy']:.2f} %"
+        if results.get("task_prediction_accuracy") is not None:
+            summary += (f"  (task prediction {results['task_prediction_accuracy']:.2f} %, task-incremental "
+                        f"{results['til_accuracy']:.2f} %)")
+        lines += ["", summary]
     if results.get("capacity"):
         lines += ["", *_capacity_table(results["capacity"])]
     if results.get("export"):

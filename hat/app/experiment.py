@@ -49,7 +49,9 @@ __all__ = [
     "build_model",
     "build_optimizer",
     "capacity_report",
+    "class_incremental",
     "evaluate",
+    "evaluate_class_incremental",
     "forgetting",
     "permuted_fashion_mnist",
     "run_sequence",
@@ -385,6 +387,51 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task_id: int | 
     Computed from integer counts, so equal predictions give bit-equal accuracies.
     """
     return training.evaluate(model, (x, y), task_id, forward="payload", batch_size=batch_size)
+
+
+def class_incremental(tasks: Sequence[Task]) -> list[Task]:
+    """``tasks`` with every label made global: task ``t``'s labels shifted by the classes of the
+    tasks before it (the one shared head of a class-incremental baseline learns all of them)."""
+    out, offset = [], 0
+    for x_tr, y_tr, x_te, y_te in tasks:
+        out.append((x_tr, y_tr + offset, x_te, y_te + offset))
+        offset += int(max(y_tr.max(), y_te.max())) + 1
+    return out
+
+
+@torch.no_grad()
+def evaluate_class_incremental(model: nn.Module, tasks: Sequence[Task], method: Method = "hat",
+                               batch_size: int = 1024) -> dict[str, Any]:
+    """Class-incremental accuracy after training ``tasks`` (no task id given at test time).
+
+    ``"hat"``: :func:`hat.predict` (task prediction from each task's recorded statistics, then
+    that task's head), every task's classes numbered after the tasks before it; ``"finetune"``:
+    the shared head's argmax over the classes of ``tasks`` (labels already global, as
+    :func:`class_incremental` gives). Returns ``per_task`` (accuracy on each task's test samples),
+    ``accuracy`` (over all of them) and, for HAT, ``task_prediction`` (fractions in [0, 1])."""
+    import hat
+
+    correct, task_right, total, per_task = 0, 0, 0, []
+    offsets, offset = [], 0
+    for _, y_tr, _, y_te in tasks:
+        offsets.append(offset)
+        offset += int(max(y_tr.max(), y_te.max())) + 1
+    for k, (_, _, x_te, y_te) in enumerate(tasks):
+        if method == "hat":
+            pred = hat.predict(model, x_te, class_offsets=offsets, batch_size=batch_size)
+            right = pred.global_class == y_te + offsets[k]
+            task_right += int((pred.task_id == k).sum())
+        else:
+            seen = 1 + max(int(max(t[1].max(), t[3].max())) for t in tasks)  # labels are global already
+            logits = training.predict(model, x_te, None, batch_size=batch_size)[:, :seen]
+            right = logits.argmax(1) == y_te
+        correct += int(right.sum())
+        total += len(y_te)
+        per_task.append(int(right.sum()) / len(y_te))
+    out: dict[str, Any] = {"per_task": per_task, "accuracy": correct / total}
+    if method == "hat":
+        out["task_prediction"] = task_right / total
+    return out
 
 
 def run_sequence(model: nn.Module, optimizer: torch.optim.Optimizer, tasks: Sequence[Task], *,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -251,3 +252,40 @@ def test_budget_leaves_free_units_and_keeps_bwt_zero(capsys):
     with pytest.raises(SystemExit):
         main([*QUICK, "--budget", "1.5"])
     assert "argument --budget: must be in (0, 1]; got 1.5" in capsys.readouterr().err
+
+
+def test_class_incremental_run_writes_its_keys_and_beats_a_shared_head(tmp_path, capsys):
+    out = tmp_path / "cil"
+    assert main([*QUICK, "--tasks", "5", "--epochs", "3", "--scenario", "class-incremental", "--compare",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Class-incremental accuracy (%), no task id given" in printed
+    assert "task prediction" in printed and "scenario=class-incremental" in printed
+    hat_run, finetune = json.loads((out / "results.json").read_text())["runs"]
+    for key in ("cil_accuracy", "task_prediction_accuracy", "til_accuracy", "cil_matrix"):
+        assert key in hat_run
+    assert [len(row) for row in hat_run["cil_matrix"]] == [1, 2, 3, 4, 5]
+    # HAT with task prediction keeps most of its task-incremental accuracy without the task id
+    assert hat_run["til_accuracy"] == pytest.approx(100 * hat_run["average_accuracy"])
+    assert hat_run["task_prediction_accuracy"] > 85.0
+    assert hat_run["cil_accuracy"] > 85.0 and hat_run["cil_accuracy"] <= hat_run["til_accuracy"] + 1e-9
+    assert hat_run["bwt"] == 0.0
+    # the one shared head over all classes forgets every earlier task
+    assert finetune["task_prediction_accuracy"] is None and finetune["til_accuracy"] is None
+    assert finetune["cil_accuracy"] < 40.0
+    assert finetune["args"]["method"] == "finetune" and finetune["args"]["scenario"] == "class-incremental"
+
+
+def test_class_incremental_run_resumes_to_the_same_results(tmp_path, capsys):
+    whole = run(build_parser().parse_args([*QUICK, "--scenario", "class-incremental"]))
+    out = tmp_path / "run"
+    main([*QUICK, "--scenario", "class-incremental", "--checkpoint-every", "task", "--stop-after", "2",
+          "--out", str(out)])
+    main([*QUICK, "--scenario", "class-incremental", "--resume", str(out)])
+    capsys.readouterr()
+    resumed = json.loads((out / "results.json").read_text())
+    assert resumed["cil_matrix"] == whole["cil_matrix"]
+    assert resumed["cil_accuracy"] == whole["cil_accuracy"]
+    assert resumed["task_prediction_accuracy"] == whole["task_prediction_accuracy"]
+    with pytest.raises(SystemExit):  # the scenario is part of the settings a resume must keep
+        main([*QUICK, "--resume", str(out)])

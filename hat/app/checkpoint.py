@@ -82,8 +82,12 @@ def load(folder: Path, meta: dict[str, Any], model: nn.Module, optimizer: torch.
         raise CheckpointError(f"the checkpoint in {folder} is corrupt or truncated: {err}") from None
     if "generator_state" not in tensors:
         raise CheckpointError(f"the checkpoint in {folder} is incomplete: no generator state")
-    own = model.state_dict()
-    if set(own) != set(weights) or any(own[k].shape != weights[k].shape for k in own):
+    from hat.task_prediction import PREFIX
+
+    # task-prediction statistics (class-incremental runs) take the checkpoint's shapes when loaded
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(PREFIX)}
+    kept = {k for k in weights if not k.startswith(PREFIX)}
+    if set(own) != kept or any(own[k].shape != weights[k].shape for k in own):
         raise CheckpointError(f"the checkpoint in {folder} does not fit this model")
     model.load_state_dict(weights)
     optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))

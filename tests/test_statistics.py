@@ -245,3 +245,25 @@ def test_the_clis_payload_cnn_refreshes_its_statistics_when_a_task_ends(digit_ta
     assert "_hat_stats_pending" not in model.__dict__
     assert not torch.equal(model.bn1.running_mean[0], trained[0])  # taken again with the final weights
     assert torch.equal(model.bn1.running_mean[1:], trained[1:])
+
+
+def test_a_state_dict_taken_right_after_training_loads_into_a_fresh_model_that_evaluates_the_same(digit_tasks):
+    # the state dict holds the refreshed rows (not the stale ones the next call would replace),
+    # and a fresh model, whose first call is an evaluation of trained tasks, places the masks as
+    # the trained one did (the conv's mask applied by the BatchNorm after it)
+    torch.manual_seed(0)
+    model = _conv_bn(HATConfig(num_tasks=2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for t in range(2):
+        x, y = digit_tasks[t][0][:96], digit_tasks[t][1][:96]
+        model.train()
+        for i in range(3):
+            _step(model, optimizer, x[32 * i:32 * i + 32], y[32 * i:32 * i + 32], t, 100.0)
+    state = copy.deepcopy(model.state_dict())  # before any other call of the model
+    torch.manual_seed(1)
+    fresh = _conv_bn(HATConfig(num_tasks=2))
+    fresh.load_state_dict(state)
+    x = torch.cat([digit_tasks[0][2], digit_tasks[1][2]])
+    for t in range(2):
+        assert torch.equal(hat.training.predict(fresh, x, t, forward="set_task"),
+                           hat.training.predict(model, x, t, forward="set_task"))

@@ -142,6 +142,13 @@ def _remember_example(root: nn.Module, args: tuple, kwargs: dict) -> None:
     root.__dict__["_hat_example"] = (tuple(first(a) for a in args), {k: first(v) for k, v in kwargs.items()})
 
 
+def _refresh_before_saving(root: nn.Module, prefix: str, keep_vars: bool) -> None:
+    # BatchNorm rows of a task whose training just ended are refreshed at the model's next call;
+    # a state dict taken before that call must hold them too (a fresh model loading it evaluates
+    # as this one will)
+    _statistics.refresh_pending(root)
+
+
 def _ensure_root_hook(root: nn.Module) -> None:
     # a wrapper (torch.compile, DDP) calls the model it wraps: the hook belongs there
     while True:
@@ -153,6 +160,8 @@ def _ensure_root_hook(root: nn.Module) -> None:
     if "_hat_root_hook" not in root.__dict__:
         handle = root.register_forward_pre_hook(_root_pre_hook, with_kwargs=True)
         root.__dict__["_hat_root_hook"] = handle.id
+    if "_hat_state_dict_hook" not in root.__dict__:  # a state dict carries the statistics evaluation would use
+        root.__dict__["_hat_state_dict_hook"] = root.register_state_dict_pre_hook(_refresh_before_saving).id
     if "_hat_scores_load_hook" not in root.__dict__:  # a state dict with task-prediction statistics loads as is
         from hat.task_prediction import shape_from_state_dict
 
@@ -366,6 +375,9 @@ def unconvert(model: nn.Module, task_id: Any) -> nn.Module:
         clone._forward_pre_hooks_with_kwargs.pop(hook, None)
     for key in ("_hat_shared_norms", "_hat_plain_heads"):
         clone.__dict__.pop(key, None)
+    saving_hook = clone.__dict__.pop("_hat_state_dict_hook", None)
+    if saving_hook is not None:
+        clone._state_dict_pre_hooks.pop(saving_hook, None)
     scores_hook = clone.__dict__.pop("_hat_scores_load_hook", None)
     if scores_hook is not None:  # a one-task plain model has no task to predict
         clone._load_state_dict_pre_hooks.pop(scores_hook, None)

@@ -658,8 +658,6 @@ def _trace(root: nn.Module, args: tuple, kwargs: dict) -> bool:
     modules = task_modules(root)
     if not modules or any("_hat_link_key" in m.__dict__ for m in modules):
         return False  # payload models record their links themselves
-    if any(bool(m.hat_trained.any()) for m in modules):
-        return False  # placement is part of what trained tasks computed: keep it
     dense_norms: set[nn.Module] = set()
     while True:  # a norm fed different units in different calls does not mask again: record once more
         rec = _record(root, args, kwargs, modules, dense_norms)

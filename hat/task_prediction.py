@@ -45,7 +45,7 @@ __all__ = ["Prediction", "TaskPrediction", "fit_task_scores", "install_load_hook
 #: default covariance shrinkage (a fraction of the mean variance added to the diagonal): the
 #: masked features, and the raw inputs (whose near-constant border pixels need much more)
 FEATURE_SHRINKAGE = 1e-3
-INPUT_SHRINKAGE = 1.0
+INPUT_SHRINKAGE = 0.3
 #: by default the layers nearest the output whose units add up to at most this many, and the
 #: raw input when a sample has at most ``MAX_INPUT_VALUES`` values
 MAX_FEATURES = 2048
@@ -78,24 +78,37 @@ class Prediction(NamedTuple):
 # ``hat_task_scores_config`` (the layers read and whether the input is a term, as JSON bytes).
 PREFIX = "hat_task_scores_"
 CONFIG = PREFIX + "config"
-_TERM_FIELDS = ("used", "means", "precision", "spread")
+_TERM_FIELDS = ("used", "means", "factor", "spread")
 
 
 class _Gaussians(NamedTuple):
-    """One term of one task: the values it reads (``used``), its class means over them, the
-    precision (inverse shrunk covariance) shared by its classes, and ``spread``: the standard
-    deviation of the smallest squared distance over the task's own training samples."""
+    """One term of one task: the values it reads (``used``, ``d`` of them), its class means over
+    them ``[C, d]``, ``factor``: the lower Cholesky factor ``L`` of the precision (the inverse of
+    the shrunk covariance, ``P = L L^T``), its lower triangle packed row by row, ``[K, d(d+1)/2]``
+    with ``K`` 1 (one covariance shared by the classes) or ``C`` (one per class), and ``spread``:
+    the standard deviation of the smallest squared distance over the task's own training samples."""
 
     used: torch.Tensor
     means: torch.Tensor
-    precision: torch.Tensor
+    factor: torch.Tensor
     spread: torch.Tensor
 
     def distances(self, f: torch.Tensor) -> torch.Tensor:
-        """The smallest squared Mahalanobis distance of each row of ``f`` to a class mean."""
+        """The smallest squared Mahalanobis distance of each row of ``f`` to a class mean:
+        ``(f - m) P (f - m)^T = |(f - m) L|^2``, one ``[N, d] @ [d, d]`` per covariance."""
         f = f[:, self.used.to(f.device)].to(self.means.device, self.means.dtype)
-        d = f.unsqueeze(1) - self.means  # [N, C, d]
-        return ((d @ self.precision) * d).sum(-1).amin(1)
+        d = self.means.shape[1]
+        rows, cols = torch.tril_indices(d, d, device=f.device)
+        out = []
+        for k in range(self.factor.shape[0]):
+            factor = self.factor.new_zeros(d, d)
+            factor[rows, cols] = self.factor[k]
+            z, zm = f @ factor, self.means @ factor  # [N, d], [C, d]
+            if self.factor.shape[0] == 1:  # shared: every class mean in this space
+                out.append(((z.unsqueeze(1) - zm) ** 2).sum(-1))
+            else:  # class k's own covariance: its own mean only
+                out.append(((z - zm[k]) ** 2).sum(-1, keepdim=True))
+        return torch.cat(out, 1).amin(1)
 
     def score(self, f: torch.Tensor) -> torch.Tensor:
         return -self.distances(f) / self.spread
@@ -181,8 +194,10 @@ def fit_task_scores(model: nn.Module, task_id: Any, data: Any, *, forward: Any =
 
     ``data``: ``(x, y)`` tensors (run in batches of ``batch_size``) or a re-iterable of ``(x, y)``
     batches (a ``DataLoader``; it is read twice), ``y`` the class within the task. Nothing is
-    kept of the samples: per class a mean, per task a shared covariance (as its inverse) and the
-    spread of the task's own distances. ``layers``: names of the modules whose outputs are the
+    kept of the samples: per class a mean; for the features one covariance shared by the task's
+    classes, for the raw input one per class (both shrunk towards their mean variance by
+    ``shrinkage`` and ``input_shrinkage``, kept as a packed Cholesky factor of their inverse); and
+    the spread of the task's own distances. ``layers``: names of the modules whose outputs are the
     features (default: the HAT layers nearest the output with at most 2048 units in all);
     ``inputs``: whether the raw input is a term too (default: when a sample has at most 1024
     values). Both are fixed by the first task fitted. ``forward``: how the model is called, as in
@@ -208,18 +223,26 @@ def fit_task_scores(model: nn.Module, task_id: Any, data: Any, *, forward: Any =
                             "recorded, like the task's weights; pass replace=True to record them again")
     batches = _batches(data, batch_size)
     first = next(iter(batches), None)
-    if first is None:
-        raise HATValueError("data has no samples to fit task scores on")
+    if first is None or not isinstance(first[0], torch.Tensor) or len(first[0]) == 0:
+        raise HATValueError("data has no samples to fit task scores on (its first batch is empty)")
     layer_names, use_inputs = _choose(model, existing, layers, inputs, first[0], forward)
 
     masked = _masked_layers(model, layer_names)
-    sums = _Sums()
+    sums = _Sums(([False] if layer_names else []) + ([True] if use_inputs else []))
+    seen = 0
     for x, y in batches:
+        seen += len(x)
+        if len(x) == 0:
+            continue
         feats = _features(model, forward, x, [t], layer_names, use_inputs, masked)
         sums.add([f[0] for f in feats], _labels(y, x))
+    if seen == 0:
+        raise HATValueError("data has no samples to fit task scores on")
     gaussians, classes = sums.fit(([shrinkage] if layer_names else []) + ([input_shrinkage] if use_inputs else []))
     spreads: list[list[torch.Tensor]] = [[] for _ in gaussians]
     for x, _ in batches:
+        if len(x) == 0:
+            continue
         feats = _features(model, forward, x, [t], layer_names, use_inputs, masked)
         for i, g in enumerate(gaussians):
             spreads[i].append(g.distances(feats[i][0]))
@@ -233,29 +256,31 @@ def fit_task_scores(model: nn.Module, task_id: Any, data: Any, *, forward: Any =
 
 
 class _Sums:
-    """Running per-class counts and sums and one sum of outer products per term, in float64."""
+    """Running per-class counts and sums and sums of outer products (per class for a term with
+    per-class covariances, else one), in float64."""
 
-    def __init__(self) -> None:
+    def __init__(self, per_class: list[bool]) -> None:
+        self.per_class = per_class
         self.count: dict[int, int] = {}
-        self.sum: list[dict[int, torch.Tensor]] = []
-        self.outer: list[torch.Tensor] = []
-        self.nonzero: list[torch.Tensor] = []
+        self.sum: list[dict[int, torch.Tensor]] = [{} for _ in per_class]
+        self.outer: list[dict[int, torch.Tensor]] = [{} for _ in per_class]
+        self.nonzero: list[torch.Tensor | None] = [None for _ in per_class]
 
     def add(self, feats: list[torch.Tensor], y: torch.Tensor) -> None:
-        if not self.sum:
-            self.sum = [{} for _ in feats]
-            self.outer = [torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64, device=f.device) for f in feats]
-            self.nonzero = [torch.zeros(f.shape[1], dtype=torch.bool, device=f.device) for f in feats]
         y = y.to(feats[0].device)
-        for c in y.unique().tolist():
+        labels = y.unique().tolist()
+        for c in labels:
             self.count[c] = self.count.get(c, 0) + int((y == c).sum())
         for i, f in enumerate(feats):
             f = f.double()
-            self.outer[i] += f.T @ f
-            self.nonzero[i] |= (f != 0).any(0)
-            for c in y.unique().tolist():
-                s = f[y == c].sum(0)
-                self.sum[i][c] = self.sum[i][c] + s if c in self.sum[i] else s
+            nz = (f != 0).any(0)
+            self.nonzero[i] = nz if self.nonzero[i] is None else self.nonzero[i] | nz
+            for c in labels:
+                fc = f[y == c]
+                self.sum[i][c] = self.sum[i][c] + fc.sum(0) if c in self.sum[i] else fc.sum(0)
+                key = c if self.per_class[i] else -1
+                outer = fc.T @ fc
+                self.outer[i][key] = self.outer[i][key] + outer if key in self.outer[i] else outer
 
     def fit(self, shrinkages: list[float]) -> tuple[list[_Gaussians], torch.Tensor]:
         classes = sorted(self.count)
@@ -264,19 +289,28 @@ class _Sums:
         for i, shrink in enumerate(shrinkages):
             used = self.nonzero[i]
             if not bool(used.any()):
-                raise HATValueError(f"every feature of term {i} is zero on the task's data: the layers read have "
+                raise HATValueError(f"every value of term {i} is zero on the task's data: the layers read have "
                                     "no unit on for this task; choose other layers")
-            means = torch.stack([self.sum[i][c] for c in classes]) / n.to(used.device).unsqueeze(1)
-            m = means[:, used]
-            scatter = self.outer[i][used][:, used] - (m.T * n.to(m.device)) @ m
-            cov = scatter / max(float(n.sum()) - len(classes), 1.0)
-            cov = cov + shrink * cov.diagonal().mean().clamp_min(1e-12) * torch.eye(len(m.T), dtype=cov.dtype,
-                                                                                      device=cov.device)
-            precision = torch.linalg.inv(cov)
-            precision = (precision + precision.T) / 2
-            out.append(_Gaussians(used.clone(), m.float(), precision.float(),
+            nn_ = n.to(used.device)
+            m = (torch.stack([self.sum[i][c] for c in classes]) / nn_.unsqueeze(1))[:, used]
+            if self.per_class[i]:
+                covs = [(self.outer[i][c][used][:, used] - n[j] * torch.outer(m[j], m[j])) / max(float(n[j]) - 1, 1.0)
+                        for j, c in enumerate(classes)]
+            else:
+                scatter = self.outer[i][-1][used][:, used] - (m.T * nn_) @ m
+                covs = [scatter / max(float(n.sum()) - len(classes), 1.0)]
+            d = m.shape[1]
+            rows, cols = torch.tril_indices(d, d, device=m.device)
+            eye = torch.eye(d, dtype=m.dtype, device=m.device)
+            factors = []
+            for cov in covs:
+                cov = cov + shrink * cov.diagonal().mean().clamp_min(1e-12) * eye
+                precision = torch.cholesky_inverse(torch.linalg.cholesky(cov))
+                factor = torch.linalg.cholesky((precision + precision.T) / 2)
+                factors.append(factor[rows, cols])
+            out.append(_Gaussians(used.clone(), m.float(), torch.stack(factors).float(),
                                   torch.ones((), dtype=torch.float32, device=used.device)))
-        return out, torch.tensor(classes, dtype=torch.long, device=self.nonzero[0].device)
+        return out, torch.tensor(classes, dtype=torch.long, device=used.device)
 
 
 # -- prediction -------------------------------------------------------------------------------------
@@ -334,7 +368,9 @@ def _run(model: nn.Module, x: Any, tasks: Any, forward: Any, batch_size: Any, *,
     if not logits:
         return Prediction(task_id, task_id, task_id, scores, scores)
     out = torch.cat(all_logits, 1)  # [T, B, C]
-    rows = torch.tensor([chosen.index(t) for t in task_id.tolist()], device=out.device)
+    position = torch.zeros(num, dtype=torch.long)
+    position[chosen] = torch.arange(len(chosen))
+    rows = position[task_id.cpu()].to(out.device)
     chosen_logits = out[rows, torch.arange(len(task_id), device=out.device)]
     class_id = chosen_logits.argmax(-1)
     if offsets is None:

@@ -1,4 +1,4 @@
-"""The four example studies run top to bottom (tiny settings) and write their plots."""
+"""The six example studies run top to bottom (tiny settings): five write their plots, pruning.py a model."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ CASES = {
     "regularization_vs_compensation.py": ["--dataset", "digits", "--epochs", "1", "--per-task", "200",
                                           "--regs", "0", "2", "--factors", "1", "100"],
     "continual_learning.py": ["--per-task", "64", "--test-per-task", "64"],
+    "class_incremental.py": ["--dataset", "digits", "--epochs", "2", "--batch-size", "32"],
 }
 
 

@@ -18,6 +18,7 @@ from torch import nn
 
 import hat
 from hat import HATConfig
+from hat.modules import TaskIndexedBatchNorm2d
 from hat.utils import get_hat_reg_term
 
 SCHEDULE = (1.0, 10.0, 100.0)  # a short mask-scale annealing, one block of steps per scale
@@ -547,3 +548,39 @@ def test_reading_only_the_dtype_of_a_weight_is_not_a_read_by_hand(digit_tasks):
     assert _trace(model, digit_tasks[0][0][:2]) == []
     assert model.fc.__dict__.get("_hat_read_directly") is None
     assert _coverage(model)["fc"].protection == "unit"
+
+
+class _TwoWays(nn.Module):
+    """``forward`` and ``run`` compute the same; ``run`` is called directly (no forward hooks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8 * 8 * 8, 2)
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x)
+
+
+def test_a_model_trained_untraced_keeps_its_placement_when_called_later():
+    torch.manual_seed(0)
+    x, y = torch.rand(64, 1, 8, 8), torch.randint(0, 2, (64,))
+    model = hat.convert(_TwoWays(), hat.HATConfig(num_tasks=2), mapping={nn.BatchNorm2d: TaskIndexedBatchNorm2d})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    hat.set_task(model, 0, mask_scale=100.0)
+    for _ in range(3):  # trained through run(): the model's own call never happened, nothing traced
+        loss = torch.nn.functional.cross_entropy(model.run(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad(), hat.task(model, 0):
+        before = model.run(x)
+        called = model(x)  # the first call: the placement task 0 trained with is kept
+        after = model.run(x)
+    assert torch.equal(before, after) and torch.equal(before, called)
+    assert not any(getattr(m, "_hat_defer", False) for m in model.modules())

@@ -658,6 +658,9 @@ def _trace(root: nn.Module, args: tuple, kwargs: dict) -> bool:
     modules = task_modules(root)
     if not modules or any("_hat_link_key" in m.__dict__ for m in modules):
         return False  # payload models record their links themselves
+    if any(m.__dict__.get("_hat_trained_here") for m in modules):
+        return False  # trained untraced (through another method than forward): that placement is what trained
+    # a fresh model that loaded trained tasks is traced as the model that trained them was
     dense_norms: set[nn.Module] = set()
     while True:  # a norm fed different units in different calls does not mask again: record once more
         rec = _record(root, args, kwargs, modules, dense_norms)

@@ -332,6 +332,7 @@ def mark_trained(model: nn.Module, task_id: Any) -> None:
     checked = [check_task_id(task_id, m.num_tasks, allow_none=False) for m in modules]
     for m, t in zip(modules, checked):
         m.hat_trained[t] = True
+        m.__dict__["_hat_trained_here"] = True
         m._hat_step.trained = None
 
 

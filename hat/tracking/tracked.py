@@ -367,6 +367,7 @@ class TaskTracked:
         step = self._hat_step
         if newly_trained:
             self.hat_trained[newly_trained] = True
+            self.__dict__["_hat_trained_here"] = True  # by this object: its placement is what trained
             if step.trained is not None:  # kept in step with the buffer: no read (a device sync) per step
                 step.trained = step.trained | frozenset(newly_trained)
         step.witnessed.update(t for t in step.bwd if t < self.num_tasks)

@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from hat._scores_state import CONFIG, PREFIX, shape_from_state_dict
 from hat.convert.api import task
 from hat.convert.trace import evaluating
 from hat.errors import HATTypeError, HATValueError
@@ -76,8 +77,6 @@ class Prediction(NamedTuple):
 # Buffers of the model itself (not a child module: nn.Sequential would call a child, and indexing
 # it would change): ``hat_task_scores_{t}_{term}_{what}``, ``hat_task_scores_{t}_classes`` and
 # ``hat_task_scores_config`` (the layers read and whether the input is a term, as JSON bytes).
-PREFIX = "hat_task_scores_"
-CONFIG = PREFIX + "config"
 _TERM_FIELDS = ("used", "means", "factor", "spread")
 
 
@@ -155,17 +154,6 @@ def install_load_hook(model: nn.Module) -> None:
     root = _root(model)
     if "_hat_scores_load_hook" not in root.__dict__:
         root.__dict__["_hat_scores_load_hook"] = root.register_load_state_dict_pre_hook(shape_from_state_dict).id
-
-
-def shape_from_state_dict(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-    """Before ``load_state_dict`` fills the model: buffers of the shapes the state dict holds (the
-    statistics of whichever tasks it has, none kept from before), so that loading is an ordinary copy."""
-    head = prefix + PREFIX
-    for name in [n for n in module._buffers if n.startswith(PREFIX)]:
-        del module._buffers[name]
-    for key, value in state_dict.items():
-        if key.startswith(head) and "." not in key[len(prefix):] and isinstance(value, torch.Tensor):
-            module.register_buffer(key[len(prefix):], torch.empty_like(value))
 
 
 def scored_tasks(model: nn.Module) -> list[int]:

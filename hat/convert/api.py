@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from hat._checks import check_mask_scale, check_task_id
+from hat._scores_state import shape_from_state_dict
 from hat.config import HATConfig
 from hat.convert import coverage as _coverage
 from hat.convert import statistics as _statistics
@@ -163,8 +164,6 @@ def _ensure_root_hook(root: nn.Module) -> None:
     if "_hat_state_dict_hook" not in root.__dict__:  # a state dict carries the statistics evaluation would use
         root.__dict__["_hat_state_dict_hook"] = root.register_state_dict_pre_hook(_refresh_before_saving).id
     if "_hat_scores_load_hook" not in root.__dict__:  # a state dict with task-prediction statistics loads as is
-        from hat.task_prediction import shape_from_state_dict
-
         root.__dict__["_hat_scores_load_hook"] = root.register_load_state_dict_pre_hook(shape_from_state_dict).id
 
 

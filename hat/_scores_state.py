@@ -1,0 +1,26 @@
+"""Where task-prediction statistics live in a model's state dict (``hat.task_prediction``), and the
+``load_state_dict`` pre-hook that gives a model buffers of the shapes a state dict holds. Apart
+so that ``hat.convert`` can install the hook without importing task prediction."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+# buffers of the model itself: ``hat_task_scores_{t}_{term}_{what}``, ``hat_task_scores_{t}_classes``
+# and ``hat_task_scores_config``
+PREFIX = "hat_task_scores_"
+CONFIG = PREFIX + "config"
+
+
+def shape_from_state_dict(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Before ``load_state_dict`` fills the model: buffers of the shapes the state dict holds (the
+    statistics of whichever tasks it has, none kept from before), so that loading is an ordinary copy."""
+    head = prefix + PREFIX
+    for name in [n for n in module._buffers if n.startswith(PREFIX)]:
+        del module._buffers[name]
+    for key, value in state_dict.items():
+        if key.startswith(head) and "." not in key[len(prefix):] and isinstance(value, torch.Tensor):
+            module.register_buffer(key[len(prefix):], torch.empty_like(value))

@@ -4,6 +4,7 @@ so that ``hat.convert`` can install the hook without importing task prediction."
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -24,3 +25,30 @@ def shape_from_state_dict(module: nn.Module, state_dict: dict[str, Any], prefix:
     for key, value in state_dict.items():
         if key.startswith(head) and "." not in key[len(prefix):] and isinstance(value, torch.Tensor):
             module.register_buffer(key[len(prefix):], torch.empty_like(value))
+
+
+def scored_tasks(model: nn.Module) -> list[int]:
+    """The tasks whose statistics ``model`` holds (recorded by :func:`fit_task_scores`)."""
+    root = _root(model)
+    return sorted(int(n[len(PREFIX):-len("_classes")]) for n in root._buffers
+                  if n.startswith(PREFIX) and n.endswith("_classes"))
+
+
+def drop(model: nn.Module, tasks: Iterable[int]) -> None:
+    """Remove the statistics of ``tasks`` (``hat.forget_task``); with the last, the config."""
+    root = _root(model)
+    for t in tasks:
+        for name in [n for n in root._buffers if n.startswith(f"{PREFIX}{t}_")]:
+            del root._buffers[name]
+    if not scored_tasks(root):
+        root._buffers.pop(CONFIG, None)
+
+
+def _root(model: nn.Module) -> nn.Module:
+    """The model a wrapper (torch.compile, DataParallel, DDP) calls."""
+    while True:
+        inner = model.__dict__.get("_modules", {}).get("_orig_mod") or (
+            model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else None)
+        if inner is None:
+            return model
+        model = inner

@@ -26,10 +26,10 @@ import torch
 from torch import nn
 
 from hat._checks import check_task_id
+from hat._scores_state import drop as drop_task_scores
 from hat.errors import HATTypeError, HATValueError
 from hat.modules._base import HATMasked
 from hat.protect.hooks import _plain_used, trained_tasks
-from hat.task_prediction import drop as drop_task_scores
 from hat.tracking.tracked import TaskTracked, invalidate, task_modules
 from hat.types_ import ForgetResult
 

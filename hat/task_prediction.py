@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from hat._scores_state import CONFIG, PREFIX, shape_from_state_dict
+from hat._scores_state import CONFIG, PREFIX, scored_tasks, shape_from_state_dict
 from hat.convert.api import task
 from hat.convert.trace import evaluating
 from hat.errors import HATTypeError, HATValueError
@@ -154,23 +154,6 @@ def install_load_hook(model: nn.Module) -> None:
     root = _root(model)
     if "_hat_scores_load_hook" not in root.__dict__:
         root.__dict__["_hat_scores_load_hook"] = root.register_load_state_dict_pre_hook(shape_from_state_dict).id
-
-
-def scored_tasks(model: nn.Module) -> list[int]:
-    """The tasks whose statistics ``model`` holds (recorded by :func:`fit_task_scores`)."""
-    root = _root(model)
-    return sorted(int(n[len(PREFIX):-len("_classes")]) for n in root._buffers
-                  if n.startswith(PREFIX) and n.endswith("_classes"))
-
-
-def drop(model: nn.Module, tasks: Iterable[int]) -> None:
-    """Remove the statistics of ``tasks`` (``hat.forget_task``); with the last, the config."""
-    root = _root(model)
-    for t in tasks:
-        for name in [n for n in root._buffers if n.startswith(f"{PREFIX}{t}_")]:
-            del root._buffers[name]
-    if not scored_tasks(root):
-        root._buffers.pop(CONFIG, None)
 
 
 # -- fitting ----------------------------------------------------------------------------------------

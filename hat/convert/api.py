@@ -150,6 +150,27 @@ def _refresh_before_saving(root: nn.Module, prefix: str, keep_vars: bool) -> Non
     _statistics.refresh_pending(root)
 
 
+# running statistics of task-indexed BatchNorms: each process keeps its own
+_LOCAL_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _keep_statistics_local(root: nn.Module) -> None:
+    """Leave task-indexed BatchNorm statistics out of DistributedDataParallel's buffer broadcast
+    (read when DDP wraps the model: convert first, then wrap). Each process refreshes a finished
+    task's rows from its own batches; a broadcast of rank 0's rows at every later forward would
+    change a finished task's statistics on the other ranks, so each rank keeps its own (as
+    ``broadcast_buffers=False`` does), and every rank's earlier tasks stay bit-identical."""
+    from hat.modules.norm import _TaskIndexedBatchNorm
+
+    names = [f"{prefix}.{b}" if prefix else b for prefix, m in root.named_modules()
+             if isinstance(m, _TaskIndexedBatchNorm) for b in _LOCAL_STATISTICS if m._buffers.get(b) is not None]
+    if names:
+        known = list(getattr(root, "_ddp_params_and_buffers_to_ignore", ()))
+        added = [n for n in names if n not in known]
+        root._ddp_params_and_buffers_to_ignore = known + added
+        root.__dict__["_hat_ddp_local"] = added  # unconvert takes them out again
+
+
 def _ensure_root_hook(root: nn.Module) -> None:
     # a wrapper (torch.compile, DDP) calls the model it wraps: the hook belongs there
     while True:
@@ -162,6 +183,7 @@ def _ensure_root_hook(root: nn.Module) -> None:
         handle = root.register_forward_pre_hook(_root_pre_hook, with_kwargs=True)
         root.__dict__["_hat_root_hook"] = handle.id
     if "_hat_state_dict_hook" not in root.__dict__:  # a state dict carries the statistics evaluation would use
+        _keep_statistics_local(root)
         root.__dict__["_hat_state_dict_hook"] = root.register_state_dict_pre_hook(_refresh_before_saving).id
     if "_hat_scores_load_hook" not in root.__dict__:  # a state dict with task-prediction statistics loads as is
         root.__dict__["_hat_scores_load_hook"] = root.register_load_state_dict_pre_hook(shape_from_state_dict).id
@@ -374,6 +396,13 @@ def unconvert(model: nn.Module, task_id: Any) -> nn.Module:
         clone._forward_pre_hooks_with_kwargs.pop(hook, None)
     for key in ("_hat_shared_norms", "_hat_plain_heads"):
         clone.__dict__.pop(key, None)
+    added = clone.__dict__.pop("_hat_ddp_local", None)
+    if added:
+        kept = [n for n in clone.__dict__.get("_ddp_params_and_buffers_to_ignore", ()) if n not in added]
+        if kept:
+            clone._ddp_params_and_buffers_to_ignore = kept
+        else:
+            clone.__dict__.pop("_ddp_params_and_buffers_to_ignore", None)
     saving_hook = clone.__dict__.pop("_hat_state_dict_hook", None)
     if saving_hook is not None:
         clone._state_dict_pre_hooks.pop(saving_hook, None)

@@ -1,0 +1,94 @@
+"""DistributedDataParallel with 2 gloo processes on CPU: a converted MLP and a converted CNN with
+BatchNorm train 3 digit tasks, each rank on its own shard, one AdamW for the sequence
+(``find_unused_parameters=False``). Parameters stay identical across ranks, and on every rank each
+earlier task's evaluation outputs stay bit-identical (each rank keeps its own BatchNorm rows: a
+broadcast of rank 0's rows would change a finished task's statistics on the others)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hat
+
+TASKS = 3
+WORLD = 2
+EPOCHS = 6
+
+
+def _models() -> dict[str, nn.Module]:
+    torch.manual_seed(0)
+    return {
+        "mlp": nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2)),
+        "cnn": nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                             nn.Linear(512, 2)),
+    }
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from hat.app.experiment import split_digits
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    tasks = split_digits(TASKS)
+    x_eval = torch.cat([t[2] for t in tasks])
+    report = {}
+    for name, plain in _models().items():
+        model = hat.convert(plain, hat.HATConfig(num_tasks=TASKS))  # convert first, then wrap
+        ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
+        optimizer = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
+        first: dict[int, torch.Tensor] = {}
+        checks = {"params_identical": [], "earlier_equal": [], "accuracy": []}
+        for t in range(TASKS):
+            x, y = tasks[t][0][rank::WORLD], tasks[t][1][rank::WORLD]  # this rank's shard
+            batches = len(x) // 32  # the same on both ranks: every rank runs the same schedule
+            for _ in range(EPOCHS):
+                for b in range(batches):
+                    hat.set_task(model, t, mask_scale=hat.utils.get_hat_mask_scale("linear", 100.0,
+                                                                                  b / max(batches - 1, 1)))
+                    loss = F.cross_entropy(ddp(x[32 * b:32 * b + 32]), y[32 * b:32 * b + 32])
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+            for k in range(t + 1):
+                out_k = hat.training.predict(model, x_eval, k, forward="set_task")
+                if k in first:
+                    checks["earlier_equal"].append(bool(torch.equal(out_k, first[k])))
+                else:
+                    first[k] = out_k
+            flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+            gathered = [torch.zeros_like(flat) for _ in range(WORLD)]
+            dist.all_gather(gathered, flat)
+            checks["params_identical"].append(all(torch.equal(gathered[0], g) for g in gathered))
+            checks["accuracy"].append(hat.training.evaluate(model, (tasks[t][2], tasks[t][3]), t, forward="set_task"))
+        report[name] = checks
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(report, f)
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+def test_two_gloo_processes_keep_ranks_identical_and_earlier_tasks_exact(tmp_path):
+    torch.multiprocessing.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD)
+    for rank in range(WORLD):
+        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for name, checks in report.items():
+            assert checks["params_identical"] == [True] * TASKS, (rank, name)
+            assert len(checks["earlier_equal"]) == TASKS * (TASKS - 1) // 2
+            assert all(checks["earlier_equal"]), (rank, name, checks["earlier_equal"])
+            assert min(checks["accuracy"]) > 0.9, (rank, name, checks["accuracy"])

@@ -1,8 +1,9 @@
-"""DistributedDataParallel with 2 gloo processes on CPU: a converted MLP and a converted CNN with
-BatchNorm train 3 digit tasks, each rank on its own shard, one AdamW for the sequence
-(``find_unused_parameters=False``). Parameters stay identical across ranks, and on every rank each
-earlier task's evaluation outputs stay bit-identical (each rank keeps its own BatchNorm rows: a
-broadcast of rank 0's rows would change a finished task's statistics on the others)."""
+"""DistributedDataParallel with 2 gloo processes on CPU: a converted MLP, a converted CNN with
+BatchNorm and a CNN built from hat.modules (called with payloads) train 3 digit tasks, each rank on
+its own shard, one AdamW for the sequence (``find_unused_parameters=False``). Parameters stay
+identical across ranks, and on every rank each earlier task's evaluation outputs stay
+bit-identical (each rank keeps its own BatchNorm rows: a broadcast of rank 0's rows would change a
+finished task's statistics on the others)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import hat
+from hat import HATPayload
 
 TASKS = 3
 WORLD = 2
@@ -34,7 +36,7 @@ def _models() -> dict[str, nn.Module]:
 def _worker(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from hat.app.experiment import split_digits
+    from hat.app.experiment import build_model, split_digits
 
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -42,10 +44,14 @@ def _worker(rank: int, port: int, out: str) -> None:
     tasks = split_digits(TASKS)
     x_eval = torch.cat([t[2] for t in tasks])
     report = {}
-    for name, plain in _models().items():
-        model = hat.convert(plain, hat.HATConfig(num_tasks=TASKS))  # convert first, then wrap
+    models = {name: hat.convert(plain, hat.HATConfig(num_tasks=TASKS)) for name, plain in _models().items()}
+    torch.manual_seed(0)
+    models["payload cnn"] = build_model("cnn", TASKS, 2)  # hat.modules layers, called with payloads
+    for name, model in models.items():  # converted (or built) first, then wrapped
+        payload = name.startswith("payload")
         ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
         optimizer = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
+        forward = "payload" if payload else "set_task"
         first: dict[int, torch.Tensor] = {}
         checks = {"params_identical": [], "earlier_equal": [], "accuracy": []}
         for t in range(TASKS):
@@ -53,14 +59,19 @@ def _worker(rank: int, port: int, out: str) -> None:
             batches = len(x) // 32  # the same on both ranks: every rank runs the same schedule
             for _ in range(EPOCHS):
                 for b in range(batches):
-                    hat.set_task(model, t, mask_scale=hat.utils.get_hat_mask_scale("linear", 100.0,
-                                                                                  b / max(batches - 1, 1)))
-                    loss = F.cross_entropy(ddp(x[32 * b:32 * b + 32]), y[32 * b:32 * b + 32])
+                    scale = hat.utils.get_hat_mask_scale("linear", 100.0, b / max(batches - 1, 1))
+                    xb, yb = x[32 * b:32 * b + 32], y[32 * b:32 * b + 32]
+                    if payload:
+                        logits = ddp(HATPayload(xb, task_id=t, mask_scale=scale)).data
+                    else:
+                        hat.set_task(model, t, mask_scale=scale)
+                        logits = ddp(xb)
+                    loss = F.cross_entropy(logits, yb)
                     optimizer.zero_grad()
                     loss.backward()
                     optimizer.step()
             for k in range(t + 1):
-                out_k = hat.training.predict(model, x_eval, k, forward="set_task")
+                out_k = hat.training.predict(model, x_eval, k, forward=forward)
                 if k in first:
                     checks["earlier_equal"].append(bool(torch.equal(out_k, first[k])))
                 else:
@@ -69,7 +80,7 @@ def _worker(rank: int, port: int, out: str) -> None:
             gathered = [torch.zeros_like(flat) for _ in range(WORLD)]
             dist.all_gather(gathered, flat)
             checks["params_identical"].append(all(torch.equal(gathered[0], g) for g in gathered))
-            checks["accuracy"].append(hat.training.evaluate(model, (tasks[t][2], tasks[t][3]), t, forward="set_task"))
+            checks["accuracy"].append(hat.training.evaluate(model, (tasks[t][2], tasks[t][3]), t, forward=forward))
         report[name] = checks
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)

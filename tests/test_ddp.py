@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -103,3 +105,28 @@ def test_two_gloo_processes_keep_ranks_identical_and_earlier_tasks_exact(tmp_pat
             assert len(checks["earlier_equal"]) == TASKS * (TASKS - 1) // 2
             assert all(checks["earlier_equal"]), (rank, name, checks["earlier_equal"])
             assert min(checks["accuracy"]) > 0.9, (rank, name, checks["accuracy"])
+
+
+def _torchrun(*argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                           str(WORLD), "-m", "hat", "run", "--benchmark", "split-digits", "--tasks", "3",
+                           "--model", "cnn", *argv], capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+def test_the_cli_under_torchrun_writes_one_result_with_zero_bwt_and_resumes(tmp_path):
+    whole = _torchrun("--epochs", "3", "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    assert whole.stdout.count("Accuracy (%): row = after training task t") == 1  # rank 0 alone prints
+    results = json.loads((tmp_path / "whole" / "results.json").read_text())
+    assert results["bwt"] == 0.0 and len(results["matrix"]) == 3
+    # a run stopped after 2 tasks and resumed with the same number of processes ends the same
+    part = _torchrun("--epochs", "3", "--out", str(tmp_path / "part"), "--checkpoint-every", "task",
+                     "--stop-after", "2")
+    assert part.returncode == 0, part.stderr[-2000:]
+    resumed = _torchrun("--epochs", "3", "--resume", str(tmp_path / "part"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((tmp_path / "part" / "results.json").read_text())["matrix"] == results["matrix"]
+    refused = _torchrun("--budget", "1.0")
+    assert refused.returncode != 0 and "--budget runs in one process only" in refused.stderr

@@ -154,6 +154,16 @@ def run(args: argparse.Namespace, log: Callable[[str], None] | None = None) -> d
         config["hidden"] = DEFAULT_HIDDEN[args.benchmark]
     start = time.perf_counter()
     tasks, model, optimizer, generator = _build_run(config)
+    rank, world = _distributed()
+    train_with = None
+    if world > 1:  # torchrun: each rank trains on its shard of every task, the ranks' gradients averaged
+        from torch.nn.parallel import DistributedDataParallel
+
+        tasks = _shards(tasks, rank, world)
+        # fine-tuning runs without a task: the task embeddings get no gradient
+        train_with = DistributedDataParallel(model, find_unused_parameters=args.method == "finetune")
+        if rank != 0:
+            log = None  # rank 0 alone prints, checkpoints and writes results
     start_task, done, elapsed = 0, None, 0.0
     cil = config["scenario"] == "class-incremental"
     cil_rows: list[list[float]] = []
@@ -179,7 +189,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] | None = None) -> d
                 log(f"task {t}: class-incremental accuracy {100 * cil_last['accuracy']:.2f} % over tasks 0-{t}" + (
                     f", task prediction {100 * cil_last['task_prediction']:.2f} %" if "task_prediction" in cil_last
                     else ""))
-        if args.checkpoint_every == "task":
+        if args.checkpoint_every == "task" and rank == 0:
             _checkpoint.save(Path(args.out), model, optimizer, generator,
                              {"args": config, "tasks_done": t + 1, "matrix": matrix,
                               "seconds": elapsed + time.perf_counter() - start,
@@ -187,10 +197,12 @@ def run(args: argparse.Namespace, log: Callable[[str], None] | None = None) -> d
         return args.stop_after is not None and t + 1 >= args.stop_after
 
     matrix = run_sequence(model, optimizer, tasks, method=args.method, epochs=args.epochs, batch_size=args.batch_size,
-                          s_max=args.s_max, reg=args.reg, generator=generator, progress=_progress(f"{args.method}"),
-                          start=start_task, matrix=done, after_task=after_task, budget=args.budget)
+                          s_max=args.s_max, reg=args.reg, generator=generator,
+                          progress=_progress(f"{args.method}") if rank == 0 else None,
+                          start=start_task, matrix=done, after_task=after_task, budget=args.budget,
+                          train_with=train_with)
     exported = None
-    if args.export is not None and args.method == "hat":
+    if args.export is not None and args.method == "hat" and rank == 0:
         from hat.app.export import export_tasks
 
         exported = export_tasks(model, tasks, Path(args.export))
@@ -211,6 +223,33 @@ def run(args: argparse.Namespace, log: Callable[[str], None] | None = None) -> d
         "seconds": elapsed + time.perf_counter() - start,
         "args": config,
     }
+
+
+def _distributed() -> tuple[int, int]:
+    """``(rank, world size)``: under torchrun (``WORLD_SIZE`` > 1) the process group is started here
+    (gloo: the CLI trains on the CPU) if it is not already; else ``(0, 1)``."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _shards(tasks: list, rank: int, world: int) -> list:
+    """Each task's training data cut as ``DistributedSampler`` cuts it (padded so that every rank
+    gets as many samples, hence as many batches: DDP steps all ranks together); test data whole."""
+    from torch.utils.data import DistributedSampler
+
+    out = []
+    for x_tr, y_tr, x_te, y_te in tasks:
+        idx = list(DistributedSampler(range(len(x_tr)), num_replicas=world, rank=rank, shuffle=False))
+        out.append((x_tr[idx], y_tr[idx], x_te, y_te))
+    return out
 
 
 def _build_run(config: dict[str, Any]) -> tuple[list, Any, Any, Any]:
@@ -425,6 +464,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--checkpoint-every task needs --out DIR (the checkpoint goes to DIR/checkpoint)")
         if args.resume is not None and args.out is None:
             args.out = args.resume  # keep writing where the run was
+        import os
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.budget is not None:
+            parser.error("--budget runs in one process only for now: compress ranks units on each rank's own data, "
+                         "so the ranks' masks would differ; run without torchrun")
         try:
             results = [run(args, log=_print_now)]
             if args.compare:
@@ -435,6 +479,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    log=_print_now))
         except (DataNotFoundError, CheckpointError) as err:
             parser.exit(2, f"hat-cl run: {err}\n")
+        rank, world = _distributed()
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+        if rank != 0:  # rank 0 alone prints and writes
+            return 0
         print("\n\n".join(format_results(r) for r in results), flush=True)
         if args.out is not None:
             out = Path(args.out)

@@ -438,7 +438,8 @@ def run_sequence(model: nn.Module, optimizer: torch.optim.Optimizer, tasks: Sequ
                  method: Method = "hat", epochs: int = 5, batch_size: int = 32, s_max: float = 400.0,
                  reg: float = 0.75, generator: torch.Generator | None = None,
                  progress: Any = None, start: int = 0, matrix: list[list[float]] | None = None,
-                 after_task: Any = None, budget: float | None = None) -> list[list[float]]:
+                 after_task: Any = None, budget: float | None = None,
+                 train_with: nn.Module | None = None) -> list[list[float]]:
     """Train ``tasks`` in order with one optimizer; after each, evaluate every task seen so far.
 
     ``method="hat"`` trains and evaluates task ``t`` as ``task_id=t`` (its masks and its head);
@@ -452,6 +453,8 @@ def run_sequence(model: nn.Module, optimizer: torch.optim.Optimizer, tasks: Sequ
     ``hat.compress`` releases
     the units it added beyond ``budget`` times its fair share of the free units, and one more epoch
     (``hat.training.finetune_task``) trains it at its final masks.
+    ``train_with``: the module training calls (a ``DistributedDataParallel`` wrapping ``model``;
+    default ``model``); evaluation calls ``model`` itself.
     Returns the accuracy matrix, row ``t`` holding ``t + 1`` entries.
     """
     if method not in METHODS:
@@ -466,8 +469,8 @@ def run_sequence(model: nn.Module, optimizer: torch.optim.Optimizer, tasks: Sequ
             from hat.compress import switch_on_free_units
 
             switch_on_free_units(model, task_id, reinit=True)
-        train_task(model, optimizer, (x_train, y_train), task_id, epochs, batch_size, s_max, reg, generator,
-                   progress, t)
+        train_task(train_with or model, optimizer, (x_train, y_train), task_id, epochs, batch_size, s_max, reg,
+                   generator, progress, t)
         if budget is not None and task_id is not None:
             from hat.compress import compress
 

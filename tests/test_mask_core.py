@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
+import hat
 from hat import HATConfig, HATPayload
 from hat.modules import HATLinear
 
@@ -177,3 +179,22 @@ def test_a_deleted_model_is_freed_though_its_config_lives_on():
     del model
     gc.collect()
     assert embedding() is None
+
+
+def test_set_task_writes_the_task_buffers_only_when_their_value_changes():
+    model = hat.convert(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), HATConfig(num_tasks=3))
+    layer = model[0]
+    hat.set_task(model, 1, mask_scale=2.0)
+    versions = layer.hat_task._version, layer.hat_scale._version
+    hat.set_task(model, 1, mask_scale=2.0)  # the same selection: no write (an op per module and step)
+    assert (layer.hat_task._version, layer.hat_scale._version) == versions
+    hat.set_task(model, 2, mask_scale=3.0)
+    assert int(layer.hat_task) == 2 and float(layer.hat_scale) == 3.0
+    layer.hat_task.fill_(0)  # written by someone else: the next selection writes again
+    hat.set_task(model, 2, mask_scale=3.0)
+    assert int(layer.hat_task) == 2
+    layer._buffers["hat_scale"] = torch.zeros(())  # replaced (as .to() replaces buffers): written again
+    hat.set_task(model, 2, mask_scale=3.0)
+    assert float(layer.hat_scale) == 3.0
+    hat.set_task(model, None)
+    assert int(layer.hat_task) == 3 and float(layer.hat_scale) == 0.0

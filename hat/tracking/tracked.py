@@ -287,8 +287,18 @@ class TaskTracked:
         """Write a checked selection into the task buffers (in place) and their Python mirror
         (per-sample ids: the mirror only; compiled forwards take one task)."""
         per_sample = is_per_sample(task)
-        self.hat_task.fill_(self.num_tasks if task is None or per_sample else task)
-        self.hat_scale.fill_(0.0 if scale is None else scale)
+        value = self.num_tasks if task is None or per_sample else task
+        scale_value = 0.0 if scale is None else scale
+        if torch.compiler.is_compiling():
+            self.hat_task.fill_(value)
+            self.hat_scale.fill_(scale_value)
+        else:  # eager: skip the write (an op per module and step) when the buffer holds the value already
+            for name, v in (("hat_task", value), ("hat_scale", scale_value)):
+                buf = self._buffers[name]
+                written = self.__dict__.get(f"_hat_wrote_{name}")
+                if written is None or written[0] is not buf or written[1] != buf._version or written[2] != v:
+                    buf.fill_(v)
+                    self.__dict__[f"_hat_wrote_{name}"] = (buf, buf._version, v)
         if per_sample:
             ids = task.ids.to(self.hat_ids.device)
             if self.hat_ids.shape == ids.shape:

@@ -58,7 +58,7 @@ class _Protection:
     part_saved: list[torch.Tensor] = field(default_factory=list)
     part_protect: list[torch.Tensor] = field(default_factory=list)
     conditioned: list[torch.Tensor] = field(default_factory=list)  # parameters whose gradient HAT conditions
-    keep: list[torch.Tensor] = field(default_factory=list)
+    conditioned_protect: list[torch.Tensor] = field(default_factory=list)
     # task embeddings, grouped by their config's attn_clamp (clamped after every step)
     clamps: list[tuple[float, list[torch.Tensor]]] = field(default_factory=list)
 
@@ -67,7 +67,7 @@ class _Protection:
             # HAT's conditioning (the gradient of protected entries is 0), so that momentum and
             # Adam's moments do not build up on entries the step may not change
             self.conditioned.append(p)
-            self.keep.append(split[1])
+            self.conditioned_protect.append(split[0])
         buf = _buffer(optimizer, p)
         if split is None:
             self.whole.append(p)
@@ -131,13 +131,13 @@ class _Pending:
     def snapshot(self) -> None:
         # multi-tensor ops: one call for all parameters instead of a few per parameter
         pr = self.protection
-        grads, keep = [], []
-        for p, k in zip(pr.conditioned, pr.keep):
+        grads, protect = [], []
+        for p, k in zip(pr.conditioned, pr.conditioned_protect):
             if p.grad is not None:
                 grads.append(p.grad)
-                keep.append(k)
+                protect.append(k)
         if grads:
-            torch._foreach_mul_(grads, keep)
+            _condition(grads, protect)
         whole, saved = pr.whole + self.plain, pr.whole_saved + self.plain_saved
         if whole:
             torch._foreach_copy_(saved, whole)
@@ -336,6 +336,12 @@ def mark_trained(model: nn.Module, task_id: Any) -> None:
         m._hat_step.trained = None
 
 
+def _condition(grads: list[torch.Tensor], protect: list[torch.Tensor]) -> None:
+    """``g -= g * protect`` for each gradient: exactly 0 on protected entries and ``g`` elsewhere
+    (the 0/1 mask), in one multi-tensor op."""
+    torch._foreach_addcmul_(grads, grads, protect, value=-1.0)
+
+
 def condition_gradients(model: nn.Module) -> None:
     """Apply HAT's gradient conditioning to ``model``'s gradients now (after ``backward()``).
 
@@ -348,13 +354,13 @@ def condition_gradients(model: nn.Module) -> None:
     if not modules:
         raise HATValueError(f"condition_gradients: {type(model).__name__} has no HAT or task-indexed module")
     training, protected = _step_tasks(modules)
-    grads, keeps = [], []
+    grads, protects = [], []
     for _, p, split, condition in _protected_entries(modules, training, protected):
         if condition and p.grad is not None:
             grads.append(p.grad)
-            keeps.append(split[1])
+            protects.append(split[0])
     if grads:
-        torch._foreach_mul_(grads, keeps)
+        _condition(grads, protects)
 
 
 def trained_tasks(model: nn.Module) -> list[int]:

@@ -386,13 +386,12 @@ class TaskTracked:
 
 
 class Split(NamedTuple):
-    """Float 0/1 masks over a parameter: ``protect`` is 1 on protected entries, ``keep = 1 - protect``.
-    Float, not bool: gradients are conditioned by multiplying with ``keep``, and the update is
-    undone with lerp(p, old, protect), exact for 0/1 weights and faster on CPU than torch.where
-    or masked_fill."""
+    """A float 0/1 mask over a parameter: ``protect`` is 1 on protected entries. Float, not bool:
+    the update is undone with lerp(p, old, protect), exact for 0/1 weights and faster on CPU than
+    torch.where or masked_fill, and gradients are conditioned as ``g - g * protect`` (exact: g or
+    0), so no second full-size mask ``1 - protect`` is kept."""
 
     protect: torch.Tensor
-    keep: torch.Tensor
 
 
 class StepEntry(NamedTuple):
@@ -405,8 +404,7 @@ class StepEntry(NamedTuple):
 
 
 def _split(mask: torch.Tensor, dtype: torch.dtype) -> Split:
-    protect = mask.to(dtype).contiguous()
-    return Split(protect, 1 - protect)
+    return Split(mask.to(dtype).contiguous())
 
 
 @functools.lru_cache(maxsize=256)

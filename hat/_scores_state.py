@@ -44,7 +44,7 @@ def drop(model: nn.Module, tasks: Iterable[int]) -> None:
         root._buffers.pop(CONFIG, None)
 
 
-def _root(model: nn.Module) -> nn.Module:
+def _root(model: nn.Module) -> nn.Module:  # also hat.task_prediction's
     """The model a wrapper (torch.compile, DataParallel, DDP) calls."""
     while True:
         inner = model.__dict__.get("_modules", {}).get("_orig_mod") or (

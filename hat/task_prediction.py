@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from hat._scores_state import CONFIG, PREFIX, scored_tasks, shape_from_state_dict
+from hat._scores_state import CONFIG, PREFIX, _root, scored_tasks, shape_from_state_dict
 from hat.convert.api import task
 from hat.convert.trace import evaluating
 from hat.errors import HATTypeError, HATValueError
@@ -528,16 +528,6 @@ def _check_model(model: Any) -> nn.Module:
     if not task_modules(root):
         raise HATValueError(f"{type(root).__name__} has no HAT or task-indexed module: it has no tasks to predict")
     return root
-
-
-def _root(model: nn.Module) -> nn.Module:
-    """The model a wrapper (torch.compile, DataParallel, DDP) calls."""
-    while True:
-        inner = model.__dict__.get("_modules", {}).get("_orig_mod") or (
-            model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else None)
-        if inner is None:
-            return model
-        model = inner
 
 
 def _resolve_forward(model: nn.Module, forward: Any) -> Any:

@@ -25,6 +25,10 @@ class Runtime:
         # Bumped whenever any module's cache generation moves: a step plan then compares the
         # generations of its own modules (one model's .to() does not rebuild another's plans).
         self.generation = 0
+        # Bumped after every optimizer step: cached masks of an earlier step are stale even where
+        # a step left an embedding's version counter as it was (fused AdamW writes without
+        # bumping it; under a TorchDispatchMode the foreach clamps do not either)
+        self.steps = 0
         self.reset()
 
     def reset(self) -> None:

@@ -198,3 +198,33 @@ def test_set_task_writes_the_task_buffers_only_when_their_value_changes():
     assert float(layer.hat_scale) == 3.0
     hat.set_task(model, None)
     assert int(layer.hat_task) == 3 and float(layer.hat_scale) == 0.0
+
+
+def test_masks_are_recomputed_after_a_fused_step_under_a_dispatch_mode():
+    # fused AdamW writes the embeddings without bumping their version counters, and under a
+    # TorchDispatchMode (FlopCounterMode, say) the foreach clamps of the step do not either:
+    # the masks cached before the step must not be served after it
+    import copy
+
+    import torch.nn.functional as F
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = hat.convert(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)), HATConfig(num_tasks=2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    x, y = torch.rand(32, 8), torch.randint(0, 2, (32,))
+    with Passthrough():
+        for _ in range(3):
+            hat.set_task(model, 0, mask_scale=5.0)
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        out = model(x)
+    twin = copy.deepcopy(model)  # its own config, so no cached mask
+    hat.set_task(twin, 0, mask_scale=5.0)
+    assert torch.equal(out, twin(x))

@@ -22,12 +22,13 @@ __all__ = ["forward_deviation", "group_of"]
 class _Entry:
     """The masks of one (task, scale) of a group, with what they were computed from."""
 
-    __slots__ = ("deviation", "embeddings", "index", "masks", "served", "stamps")
+    __slots__ = ("deviation", "embeddings", "index", "masks", "served", "stamps", "step")
 
     def __init__(self, chosen: list[Any], masks: tuple[torch.Tensor, ...]) -> None:
         self.index = {id(m): i for i, m in enumerate(chosen)}  # position by id(module)
         self.embeddings = [m.task_embedding for m in chosen]
         self.stamps = [(e._version, e.data_ptr()) for e in self.embeddings]
+        self.step = RUNTIME.steps  # an optimizer step since makes these masks stale
         self.masks = masks
         self.served: set[int] = set()  # positions whose layer took its mask in a forward
         self.deviation: float | None = None
@@ -50,10 +51,12 @@ class _Entry:
 
     def get(self, module: Any) -> int | None:
         """The position of ``module``'s mask, while its embedding is the one the mask came from:
-        one changed in place (a step, a load) or replaced makes the entry stale."""
+        one changed in place (a load, a write), replaced, or possibly changed by an optimizer step
+        since makes the entry stale."""
         i = self.index.get(id(module))
         emb = module.task_embedding
-        if i is None or self.embeddings[i] is not emb or self.stamps[i] != (emb._version, emb.data_ptr()):
+        if (i is None or self.step != RUNTIME.steps or self.embeddings[i] is not emb
+                or self.stamps[i] != (emb._version, emb.data_ptr())):
             return None
         return i
 

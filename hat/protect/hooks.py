@@ -312,6 +312,7 @@ def _shapes(params: list[nn.Parameter]) -> str:
 
 
 def _post_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    RUNTIME.steps += 1  # any step may have changed embeddings: cached masks are recomputed
     pending = RUNTIME.pending.pop(optimizer, None)
     if pending is None:
         return

@@ -1,6 +1,6 @@
 """Where task-prediction statistics live in a model's state dict (``hat.task_prediction``), and the
 ``load_state_dict`` pre-hook that gives a model buffers of the shapes a state dict holds. Apart
-so that ``hat.convert`` can install the hook without importing task prediction."""
+so that ``hat.convert`` and ``hat.forget`` can use them without importing task prediction."""
 
 from __future__ import annotations
 
@@ -29,14 +29,14 @@ def shape_from_state_dict(module: nn.Module, state_dict: dict[str, Any], prefix:
 
 def scored_tasks(model: nn.Module) -> list[int]:
     """The tasks whose statistics ``model`` holds (recorded by :func:`fit_task_scores`)."""
-    root = _root(model)
+    root = unwrapped(model)
     return sorted(int(n[len(PREFIX):-len("_classes")]) for n in root._buffers
                   if n.startswith(PREFIX) and n.endswith("_classes"))
 
 
 def drop(model: nn.Module, tasks: Iterable[int]) -> None:
     """Remove the statistics of ``tasks`` (``hat.forget_task``); with the last, the config."""
-    root = _root(model)
+    root = unwrapped(model)
     for t in tasks:
         for name in [n for n in root._buffers if n.startswith(f"{PREFIX}{t}_")]:
             del root._buffers[name]
@@ -44,7 +44,15 @@ def drop(model: nn.Module, tasks: Iterable[int]) -> None:
         root._buffers.pop(CONFIG, None)
 
 
-def _root(model: nn.Module) -> nn.Module:  # also hat.task_prediction's
+def install_load_hook(model: nn.Module) -> None:
+    """Let ``model.load_state_dict`` bring task-prediction statistics into a model that has none yet
+    (``hat.convert``, ``hat.timm_models`` and ``hat.app.experiment`` models have this already)."""
+    root = unwrapped(model)
+    if "_hat_scores_load_hook" not in root.__dict__:
+        root.__dict__["_hat_scores_load_hook"] = root.register_load_state_dict_pre_hook(shape_from_state_dict).id
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
     """The model a wrapper (torch.compile, DataParallel, DDP) calls."""
     while True:
         inner = model.__dict__.get("_modules", {}).get("_orig_mod") or (

@@ -3,11 +3,12 @@
 Each task's masked network is frozen once the task is trained, so what it computes for a sample is
 a fixed fingerprint of that task. When a task ends, :func:`fit_task_scores` records statistics of
 its training data (never samples): per class, the mean of the task's masked features (the outputs
-of HAT layers under the task's hard masks, pooled over positions) and of the raw inputs, and one
-covariance shared by the task's classes. A sample's score for task ``t`` is minus its smallest
-Mahalanobis distance to task ``t``'s class means, divided by how widely those distances spread on
-task ``t``'s own training data; the feature and input terms are added. :func:`predict_task` gives
-each sample the best-scoring task, :func:`predict` also the class within it (the task's head).
+of HAT layers under the task's hard masks, pooled over positions) and of the raw inputs; a
+covariance of the features shared by the task's classes, and one of the input per class. A
+sample's score for task ``t`` is minus its smallest Mahalanobis distance to task ``t``'s class
+means, divided by how widely those distances spread on task ``t``'s own training data; the feature
+and input terms are added. :func:`predict_task` gives each sample the best-scoring task,
+:func:`predict` also the class within it (the task's head).
 
 Scoring all tasks is one batched forward: the batch repeated once per task, with per-sample task
 ids (``B x T`` samples), not one pass per task.
@@ -31,14 +32,14 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from hat._scores_state import CONFIG, PREFIX, _root, scored_tasks, shape_from_state_dict
-from hat.convert.api import task
+from hat._scores_state import CONFIG, PREFIX, install_load_hook, scored_tasks, unwrapped
 from hat.convert.trace import evaluating
 from hat.errors import HATTypeError, HATValueError
 from hat.modules._base import HATMasked
 from hat.payload import HATPayload
 from hat.protect.hooks import trained_tasks
 from hat.tracking.tracked import task_modules
+from hat.training import _call, _check_forward, _check_positive_int
 
 __all__ = ["Prediction", "TaskPrediction", "fit_task_scores", "install_load_hook", "predict", "predict_task",
            "scored_tasks"]
@@ -146,14 +147,6 @@ def _store(root: nn.Module, t: int, terms: list[_Gaussians], classes: torch.Tens
         for n in _TERM_FIELDS:
             root.register_buffer(f"{PREFIX}{t}_{i}_{n}", getattr(g, n))
     root.register_buffer(f"{PREFIX}{t}_classes", classes)
-
-
-def install_load_hook(model: nn.Module) -> None:
-    """Let ``model.load_state_dict`` bring task-prediction statistics into a model that has none yet
-    (``hat.convert``, ``hat.timm_models`` and ``hat.app.experiment`` models have this already)."""
-    root = _root(model)
-    if "_hat_scores_load_hook" not in root.__dict__:
-        root.__dict__["_hat_scores_load_hook"] = root.register_load_state_dict_pre_hook(shape_from_state_dict).id
 
 
 # -- fitting ----------------------------------------------------------------------------------------
@@ -366,7 +359,7 @@ def _features(model: nn.Module, forward: Any, x: torch.Tensor, tasks: list[int],
         handles.append(named[name].register_forward_hook(_keeper(name, seen)))
     try:
         with evaluating(model):
-            out = _call(model, forward, xx, ids if n > 1 else tasks[0])
+            out = _call(model, forward, xx, ids if n > 1 else tasks[0], None)  # hard masks
     finally:
         for h in handles:
             h.remove()
@@ -410,16 +403,6 @@ def _pool(y: Any, layer: HATMasked | None) -> torch.Tensor:
     return y.reshape(y.shape[0], -1, y.shape[-1]).mean(1)
 
 
-def _call(model: nn.Module, forward: Any, x: torch.Tensor, ids: Any) -> torch.Tensor:
-    if forward == "payload":
-        out = model(HATPayload(x, task_id=ids))
-        return out.data if isinstance(out, HATPayload) else out
-    if forward == "set_task":
-        with task(model, ids):
-            return model(x)
-    return forward(model, x, ids, None)
-
-
 # -- choices and checks -----------------------------------------------------------------------------
 def _choose(model: nn.Module, existing: _Config | None, layers: Any, inputs: Any, x: torch.Tensor,
             forward: Any) -> tuple[list[str], bool]:
@@ -456,7 +439,7 @@ def _default_layers(model: nn.Module, x: torch.Tensor, forward: Any) -> list[str
                for m in model.modules() if isinstance(m, HATMasked)]
     try:
         with evaluating(model), torch.no_grad():
-            _call(model, forward, x[:1], trained_tasks(model)[0])
+            _call(model, forward, x[:1], trained_tasks(model)[0], None)
     finally:
         for h in handles:
             h.remove()
@@ -524,7 +507,7 @@ def _check_offsets(offsets: Any, num: int) -> list[int] | None:
 def _check_model(model: Any) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise HATTypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    root = _root(model)
+    root = unwrapped(model)
     if not task_modules(root):
         raise HATValueError(f"{type(root).__name__} has no HAT or task-indexed module: it has no tasks to predict")
     return root
@@ -534,14 +517,8 @@ def _resolve_forward(model: nn.Module, forward: Any) -> Any:
     if forward is None:
         takes = getattr(type(model), "_hat_takes_payload", False) or "_hat_plain_heads" not in model.__dict__
         return "payload" if takes else "set_task"
-    if forward in ("payload", "set_task") or callable(forward):
-        return forward
-    raise HATValueError(f"forward must be 'payload', 'set_task', a callable or None; got {forward!r}")
-
-
-def _check_positive_int(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise HATValueError(f"{name} must be a positive int; got {value!r}")
+    _check_forward(forward)
+    return forward
 
 
 def _labels(y: Any, x: torch.Tensor) -> torch.Tensor:

@@ -82,7 +82,7 @@ def load(folder: Path, meta: dict[str, Any], model: nn.Module, optimizer: torch.
         raise CheckpointError(f"the checkpoint in {folder} is corrupt or truncated: {err}") from None
     if "generator_state" not in tensors:
         raise CheckpointError(f"the checkpoint in {folder} is incomplete: no generator state")
-    from hat.task_prediction import PREFIX
+    from hat._scores_state import PREFIX
 
     # task-prediction statistics (class-incremental runs) take the checkpoint's shapes when loaded
     own = {k: v for k, v in model.state_dict().items() if not k.startswith(PREFIX)}

@@ -389,14 +389,19 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task_id: int | 
     return training.evaluate(model, (x, y), task_id, forward="payload", batch_size=batch_size)
 
 
+def _class_offsets(tasks: Sequence[Task]) -> list[int]:
+    """Per task, how many classes the tasks before it have (labels ``0..C-1`` within each)."""
+    offsets, offset = [], 0
+    for _, y_tr, _, y_te in tasks:
+        offsets.append(offset)
+        offset += int(max(y_tr.max(), y_te.max())) + 1
+    return offsets
+
+
 def class_incremental(tasks: Sequence[Task]) -> list[Task]:
     """``tasks`` with every label made global: task ``t``'s labels shifted by the classes of the
     tasks before it (the one shared head of a class-incremental baseline learns all of them)."""
-    out, offset = [], 0
-    for x_tr, y_tr, x_te, y_te in tasks:
-        out.append((x_tr, y_tr + offset, x_te, y_te + offset))
-        offset += int(max(y_tr.max(), y_te.max())) + 1
-    return out
+    return [(x_tr, y_tr + o, x_te, y_te + o) for (x_tr, y_tr, x_te, y_te), o in zip(tasks, _class_offsets(tasks))]
 
 
 @torch.no_grad()
@@ -412,17 +417,14 @@ def evaluate_class_incremental(model: nn.Module, tasks: Sequence[Task], method: 
     import hat
 
     correct, task_right, total, per_task = 0, 0, 0, []
-    offsets, offset = [], 0
-    for _, y_tr, _, y_te in tasks:
-        offsets.append(offset)
-        offset += int(max(y_tr.max(), y_te.max())) + 1
+    offsets = _class_offsets(tasks)
+    seen = 1 + max(int(max(t[1].max(), t[3].max())) for t in tasks)  # fine-tuning: labels are global already
     for k, (_, _, x_te, y_te) in enumerate(tasks):
         if method == "hat":
             pred = hat.predict(model, x_te, class_offsets=offsets, batch_size=batch_size)
             right = pred.global_class == y_te + offsets[k]
             task_right += int((pred.task_id == k).sum())
         else:
-            seen = 1 + max(int(max(t[1].max(), t[3].max())) for t in tasks)  # labels are global already
             logits = training.predict(model, x_te, None, batch_size=batch_size)[:, :seen]
             right = logits.argmax(1) == y_te
         correct += int(right.sum())
@@ -450,9 +452,8 @@ def run_sequence(model: nn.Module, optimizer: torch.optim.Optimizer, tasks: Sequ
     done (a resumed run); ``after_task(t, matrix)`` is called after each task is evaluated and
     may return True to stop there. ``budget`` (HAT only): each task starts with every free unit
     on and its free weights re-initialized (``hat.compress.switch_on_free_units``); after it,
-    ``hat.compress`` releases
-    the units it added beyond ``budget`` times its fair share of the free units, and one more epoch
-    (``hat.training.finetune_task``) trains it at its final masks.
+    ``hat.compress`` releases the units it added beyond ``budget`` times its fair share of the free
+    units, and one more epoch (``hat.training.finetune_task``) trains it at its final masks.
     ``train_with``: the module training calls (a ``DistributedDataParallel`` wrapping ``model``;
     default ``model``); evaluation calls ``model`` itself.
     Returns the accuracy matrix, row ``t`` holding ``t + 1`` entries.

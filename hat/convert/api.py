@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from hat._checks import check_mask_scale, check_task_id
-from hat._scores_state import shape_from_state_dict
+from hat._scores_state import PREFIX, install_load_hook, unwrapped
 from hat.config import HATConfig
 from hat.convert import coverage as _coverage
 from hat.convert import statistics as _statistics
@@ -164,29 +164,24 @@ def _keep_statistics_local(root: nn.Module) -> None:
 
     names = [f"{prefix}.{b}" if prefix else b for prefix, m in root.named_modules()
              if isinstance(m, _TaskIndexedBatchNorm) for b in _LOCAL_STATISTICS if m._buffers.get(b) is not None]
-    if names:
-        known = list(getattr(root, "_ddp_params_and_buffers_to_ignore", ()))
-        added = [n for n in names if n not in known]
+    known = list(getattr(root, "_ddp_params_and_buffers_to_ignore", ()))
+    added = [n for n in names if n not in known]
+    if added:
         root._ddp_params_and_buffers_to_ignore = known + added
-        root.__dict__["_hat_ddp_local"] = added  # unconvert takes them out again
+    root.__dict__["_hat_ddp_local"] = added  # unconvert takes them out again
 
 
 def _ensure_root_hook(root: nn.Module) -> None:
-    # a wrapper (torch.compile, DDP) calls the model it wraps: the hook belongs there
-    while True:
-        inner = root.__dict__.get("_modules", {}).get("_orig_mod") or (
-            root.module if isinstance(root, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else None)
-        if inner is None:
-            break
-        root = inner
+    root = unwrapped(root)  # a wrapper (torch.compile, DDP) calls the model it wraps: the hook belongs there
     if "_hat_root_hook" not in root.__dict__:
         handle = root.register_forward_pre_hook(_root_pre_hook, with_kwargs=True)
         root.__dict__["_hat_root_hook"] = handle.id
     if "_hat_state_dict_hook" not in root.__dict__:  # a state dict carries the statistics evaluation would use
-        _keep_statistics_local(root)
         root.__dict__["_hat_state_dict_hook"] = root.register_state_dict_pre_hook(_refresh_before_saving).id
+    if "_hat_ddp_local" not in root.__dict__:
+        _keep_statistics_local(root)
     if "_hat_scores_load_hook" not in root.__dict__:  # a state dict with task-prediction statistics loads as is
-        root.__dict__["_hat_scores_load_hook"] = root.register_load_state_dict_pre_hook(shape_from_state_dict).id
+        install_load_hook(root)
 
 
 # -- conversion -------------------------------------------------------------------------------
@@ -409,7 +404,7 @@ def unconvert(model: nn.Module, task_id: Any) -> nn.Module:
     scores_hook = clone.__dict__.pop("_hat_scores_load_hook", None)
     if scores_hook is not None:  # a one-task plain model has no task to predict
         clone._load_state_dict_pre_hooks.pop(scores_hook, None)
-    for name in [n for n in clone._buffers if n.startswith("hat_task_scores_")]:
+    for name in [n for n in clone._buffers if n.startswith(PREFIX)]:
         del clone._buffers[name]
     replace = [(n, m) for n, m in clone.named_modules() if isinstance(m, TaskTracked)]
     # deepest first: a module's plain copy then holds the plain copies of its children

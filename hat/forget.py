@@ -236,10 +236,13 @@ def _protected(m: TaskTracked, name: str, p: torch.Tensor, tasks: torch.Tensor) 
         return torch.zeros(p.shape, dtype=torch.bool, device=p.device)
     if m.__dict__.get("_hat_read_directly") is not None:  # read outside its forward: protected whole
         return torch.ones(p.shape, dtype=torch.bool, device=p.device)
-    mask = m._hat_unit_mask(name, tasks)
-    if mask is None:
+    factors = m._hat_unit_mask(name, tasks)
+    if factors is None:
         return torch.zeros(p.shape, dtype=torch.bool, device=p.device)
-    return mask.to(torch.bool).expand(p.shape).clone()
+    mask = torch.ones(p.shape, dtype=torch.bool, device=p.device)
+    for f in factors:
+        mask &= f
+    return mask
 
 
 # -- applying it ------------------------------------------------------------------------------------

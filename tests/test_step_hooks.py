@@ -49,3 +49,45 @@ def test_install_and_uninstall_are_idempotent_and_uninstalled_steps_protect_noth
         _protect.install()
     step(1)
     assert hat.trained_tasks(model) == [0, 1]
+
+
+def test_protection_conditions_exactly_the_entries_of_used_rows_and_columns_and_keeps_no_full_size_mask():
+    """A weight's protected entries are (output unit used) and (input unit used) by the trained
+    tasks: conditioning zeroes exactly those gradient entries, including in a grouped conv, and
+    the cached protection holds unit vectors, not a mask of the weight's size."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.ReLU(),
+                          nn.Conv2d(8, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4 * 4, 3))
+    model = hat.convert(plain, HATConfig(num_tasks=2))
+    convs = [m for m in model.modules() if isinstance(m, hat.modules.HATConv2d)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(16, 3, 6, 6), torch.randint(0, 3, (16,))
+
+    def backward(task):
+        hat.set_task(model, task, mask_scale=50.0)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+
+    for _ in range(3):
+        backward(0)
+        optimizer.step()
+    t0 = torch.tensor([True, False])
+    for how in ("optimizer.step", "hat.condition_gradients"):
+        backward(1)
+        raw = {id(m): m.weight.grad.clone() for m in convs}
+        optimizer.step() if how == "optimizer.step" else hat.condition_gradients(model)  # conditions .grad in place
+        checked_grouped = False
+        for prev, m in zip(convs, convs[1:]):
+            rows = m.used_units(t0)
+            cols_of_group = prev.used_units(t0).view(m.groups, -1)  # input unit g * in_per_group + j
+            cols = cols_of_group.repeat_interleave(m.out_channels // m.groups, dim=0)
+            protected = (rows[:, None] & cols)[:, :, None, None].expand_as(m.weight)
+            assert bool(protected.any()) and not bool(protected.all())
+            expected = torch.where(protected, torch.zeros_like(raw[id(m)]), raw[id(m)])
+            assert torch.equal(m.weight.grad, expected), how
+            checked_grouped |= m.groups > 1
+        assert checked_grouped
+    for m in convs:
+        for split in m.__dict__["_hat_mask_cache"].values():
+            if split is not None:
+                assert all(f.numel() * 4 <= m.weight.numel() for f in split if f is not None)

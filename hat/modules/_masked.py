@@ -47,20 +47,24 @@ class MaskedLayer(HATMasked):
     def _hat_in_units(self) -> int:
         raise NotImplementedError
 
-    def _hat_unit_mask(self, name: str, protected: torch.Tensor) -> torch.Tensor | None:
+    def _hat_unit_mask(self, name: str, protected: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
         out_used = self.used_units(protected)
         param = self._parameters[name]
         if name != self._hat_weight_name:  # a bias, a per-unit gain: one entry (or block) per output unit
-            return out_used.view(-1, *([1] * (param.dim() - 1)))
+            return (out_used.view(-1, *([1] * (param.dim() - 1))),)
         groups = getattr(self, "groups", 1)
         in_used = None if self._hat_whole_rows else self._hat_input_used(protected, self._hat_in_units())
         trailing = [1] * (param.dim() - 2)
+        rows = out_used.view(-1, 1, *trailing)
         if in_used is None:  # input mask unknown: protect whole rows of used units
-            return out_used.view(-1, 1, *trailing)
-        # weight[o, j] reads input unit (group of o) * in_per_group + j
+            return (rows,)
+        # weight[o, j] reads input unit (group of o) * in_per_group + j: a mask over (o, j), not
+        # over the kernel, kept as two factors (rows, and the input units each row reads)
         in_per_group = param.shape[1]
+        if groups == 1:
+            return rows, in_used.view(1, in_per_group, *trailing)
         in_w = in_used.view(groups, in_per_group).repeat_interleave(param.shape[0] // groups, dim=0)
-        return (out_used.view(-1, 1) & in_w).view(param.shape[0], in_per_group, *trailing)
+        return rows, in_w.view(param.shape[0], in_per_group, *trailing)
 
     # -- conversion ---------------------------------------------------------------------------
     @classmethod

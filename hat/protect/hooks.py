@@ -50,32 +50,48 @@ class _Protection:
     """What one step protects for one combination of training and protected tasks: the
     parameters, their snapshot buffers and masks. Built once and reused for every step of a task
     (rebuilt when the cache generation of one of its modules moves), so that a step costs no
-    Python per parameter."""
+    Python per parameter.
+
+    Masks are ``Split`` factors (unit vectors broadcast over the parameter), never full size:
+    ``part`` parameters are protected where ``rows`` is 1, ``grid`` parameters where ``rows``
+    and ``cols`` both are (a weight: the output units and the input units that protected tasks
+    use)."""
 
     whole: list[torch.Tensor] = field(default_factory=list)  # parameters restored whole
     whole_saved: list[torch.Tensor] = field(default_factory=list)
-    part: list[torch.Tensor] = field(default_factory=list)  # parameters restored entry by entry
+    part: list[torch.Tensor] = field(default_factory=list)  # parameters protected by row
     part_saved: list[torch.Tensor] = field(default_factory=list)
-    part_protect: list[torch.Tensor] = field(default_factory=list)
-    conditioned: list[torch.Tensor] = field(default_factory=list)  # parameters whose gradient HAT conditions
-    conditioned_protect: list[torch.Tensor] = field(default_factory=list)
+    part_rows: list[torch.Tensor] = field(default_factory=list)
+    grid: list[torch.Tensor] = field(default_factory=list)  # parameters protected by row and column
+    grid_saved: list[torch.Tensor] = field(default_factory=list)
+    grid_rows: list[torch.Tensor] = field(default_factory=list)
+    grid_cols: list[torch.Tensor] = field(default_factory=list)
+    grid_free: list[torch.Tensor] = field(default_factory=list)  # 1 - cols
+    # parameters whose gradient HAT conditions, with their masks' factors (None: no cols)
+    conditioned: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]] = field(
+        default_factory=list)
     # task embeddings, grouped by their config's attn_clamp (clamped after every step)
     clamps: list[tuple[float, list[torch.Tensor]]] = field(default_factory=list)
 
     def add(self, optimizer: Any, p: torch.Tensor, split: Any, condition: bool = False) -> None:
-        if condition:
-            # HAT's conditioning (the gradient of protected entries is 0), so that momentum and
-            # Adam's moments do not build up on entries the step may not change
-            self.conditioned.append(p)
-            self.conditioned_protect.append(split[0])
         buf = _buffer(optimizer, p)
         if split is None:
             self.whole.append(p)
             self.whole_saved.append(buf)
-        else:
+        elif split.cols is None:
             self.part.append(p)
             self.part_saved.append(buf)
-            self.part_protect.append(split[0])
+            self.part_rows.append(split.rows)
+        else:
+            self.grid.append(p)
+            self.grid_saved.append(buf)
+            self.grid_rows.append(split.rows)
+            self.grid_cols.append(split.cols)
+            self.grid_free.append(1 - split.cols)
+        if condition:
+            # HAT's conditioning (the gradient of protected entries is 0), so that momentum and
+            # Adam's moments do not build up on entries the step may not change
+            self.conditioned.append((p, split.rows, split.cols, buf))
 
 
 @dataclass
@@ -131,18 +147,14 @@ class _Pending:
     def snapshot(self) -> None:
         # multi-tensor ops: one call for all parameters instead of a few per parameter
         pr = self.protection
-        grads, protect = [], []
-        for p, k in zip(pr.conditioned, pr.conditioned_protect):
-            if p.grad is not None:
-                grads.append(p.grad)
-                protect.append(k)
-        if grads:
-            _condition(grads, protect)
+        _condition([(p.grad, rows, cols, buf) for p, rows, cols, buf in pr.conditioned if p.grad is not None])
         whole, saved = pr.whole + self.plain, pr.whole_saved + self.plain_saved
         if whole:
             torch._foreach_copy_(saved, whole)
         if pr.part:
             torch._foreach_copy_(pr.part_saved, pr.part)
+        if pr.grid:
+            torch._foreach_copy_(pr.grid_saved, pr.grid)
 
     def restore(self) -> None:
         pr = self.protection
@@ -152,13 +164,17 @@ class _Pending:
         whole, saved = pr.whole + self.plain, pr.whole_saved + self.plain_saved
         if whole:
             torch._foreach_copy_(whole, saved)
+        # lerp(p, old, w): torch computes p + w * (old - p) for w < 0.5 and old - (old - p) * (1 - w)
+        # otherwise, so a 0/1 weight gives p or old exactly, in one pass over the parameter
         if pr.part:
-            # lerp(p, old, protect): torch computes p + w * (old - p) for w < 0.5 and
-            # old - (old - p) * (1 - w) otherwise, so a 0/1 weight gives p or old exactly, in
-            # one pass over the parameter (a multiply and an addcmul took two)
-            torch._foreach_lerp_(pr.part, pr.part_saved, pr.part_protect)
-
-
+            torch._foreach_lerp_(pr.part, pr.part_saved, pr.part_rows)
+        if pr.grid:
+            # two passes with the unit vectors: the snapshot takes the new values in columns no
+            # protected task reads, then the protected rows take the snapshot: old exactly where
+            # row and column are protected, new everywhere else (the snapshot is taken anew
+            # before every step)
+            torch._foreach_lerp_(pr.grid_saved, pr.grid, pr.grid_free)
+            torch._foreach_lerp_(pr.grid, pr.grid_saved, pr.grid_rows)
 
 
 def _plan(optimizer: torch.optim.Optimizer) -> _Plan:
@@ -337,10 +353,19 @@ def mark_trained(model: nn.Module, task_id: Any) -> None:
         m._hat_step.trained = None
 
 
-def _condition(grads: list[torch.Tensor], protect: list[torch.Tensor]) -> None:
-    """``g -= g * protect`` for each gradient: exactly 0 on protected entries and ``g`` elsewhere
-    (the 0/1 mask), in one multi-tensor op."""
-    torch._foreach_addcmul_(grads, grads, protect, value=-1.0)
+def _condition(entries: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]) -> None:
+    """``g -= g * rows * cols`` for each (gradient, rows, cols, scratch): exactly 0 on protected
+    entries and ``g`` elsewhere (0/1 factors), in multi-tensor ops. ``scratch`` (the snapshot
+    buffer, written again after this; None: a temporary) holds ``g * cols``."""
+    by_row = [(g, rows) for g, rows, cols, _ in entries if cols is None]
+    if by_row:
+        torch._foreach_addcmul_([g for g, _ in by_row], [g for g, _ in by_row], [r for _, r in by_row], value=-1.0)
+    grid = [e for e in entries if e[2] is not None]
+    if grid:
+        grads = [g for g, *_ in grid]
+        # g * cols written straight into the scratch: one pass (a foreach copy and multiply took two)
+        scratch = [torch.mul(g, cols) if buf is None else torch.mul(g, cols, out=buf) for g, _, cols, buf in grid]
+        torch._foreach_addcmul_(grads, scratch, [rows for _, rows, _, _ in grid], value=-1.0)
 
 
 def condition_gradients(model: nn.Module) -> None:
@@ -355,13 +380,9 @@ def condition_gradients(model: nn.Module) -> None:
     if not modules:
         raise HATValueError(f"condition_gradients: {type(model).__name__} has no HAT or task-indexed module")
     training, protected = _step_tasks(modules)
-    grads, protects = [], []
-    for _, p, split, condition in _protected_entries(modules, training, protected):
-        if condition and p.grad is not None:
-            grads.append(p.grad)
-            protects.append(split[0])
-    if grads:
-        _condition(grads, protects)
+    _condition([(p.grad, split.rows, split.cols, None)
+                for _, p, split, condition in _protected_entries(modules, training, protected)
+                if condition and p.grad is not None])
 
 
 def trained_tasks(model: nn.Module) -> list[int]:

@@ -365,11 +365,13 @@ class TaskTracked:
                 cache.clear()
             tasks = torch.zeros(self.num_tasks, dtype=torch.bool, device=self.hat_trained.device)
             tasks[list(protected)] = True
-            mask = self._hat_unit_mask(name, tasks)
-            cache[key] = _split(mask.expand_as(param), param.dtype) if mask is not None and bool(mask.any()) else None
+            factors = self._hat_unit_mask(name, tasks)
+            cache[key] = None if factors is None or not all(bool(f.any()) for f in factors) else _split(factors, param)
         return cache[key]
 
-    def _hat_unit_mask(self, name: str, protected: torch.Tensor) -> torch.Tensor | None:
+    def _hat_unit_mask(self, name: str, protected: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """Bool tensors broadcastable to parameter ``name``, one or two, whose logical and is 1
+        on the entries that the trained tasks ``protected`` (bool ``[num_tasks]``) use; None: none."""
         return None
 
     def _hat_end_step(self, newly_trained: list[int]) -> None:
@@ -386,12 +388,16 @@ class TaskTracked:
 
 
 class Split(NamedTuple):
-    """A float 0/1 mask over a parameter: ``protect`` is 1 on protected entries. Float, not bool:
-    the update is undone with lerp(p, old, protect), exact for 0/1 weights and faster on CPU than
-    torch.where or masked_fill, and gradients are conditioned as ``g - g * protect`` (exact: g or
-    0), so no second full-size mask ``1 - protect`` is kept."""
+    """The protected entries of a parameter as float 0/1 factors broadcastable to it: ``rows``
+    (the output units protected tasks use) times ``cols`` (the input units they read; None: all).
+    A mask of the parameter's size is never kept: ``rows`` is ``[out, 1, ...]``, ``cols`` the
+    input units over the kernel ``[1, in, *kernel]`` (a grouped conv, whose rows read different
+    inputs: one factor ``[out, in_per_group, 1, ...]``). Float, not bool: the hooks undo an
+    update with lerp, exact for 0/1 weights, and condition gradients as ``g - g * protect``
+    (exactly g or 0)."""
 
-    protect: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor | None = None
 
 
 class StepEntry(NamedTuple):
@@ -403,16 +409,23 @@ class StepEntry(NamedTuple):
     condition: bool
 
 
-def _split(mask: torch.Tensor, dtype: torch.dtype) -> Split:
-    return Split(mask.to(dtype).contiguous())
+def _split(factors: tuple[torch.Tensor, ...], param: torch.Tensor) -> Split:
+    rows, *cols = factors
+    if cols and cols[0].shape[0] == 1:
+        # the input units over the kernel too (a few thousand entries): both factors then broadcast
+        # over leading dimensions only, which CPU kernels vectorize (over the kernel they do not)
+        cols = [cols[0].expand(1, *param.shape[1:])]
+    elif cols:  # a grouped conv: each row reads its own group's inputs; one (out, in) factor
+        rows, cols = rows & cols[0], []
+    return Split(rows.to(param.dtype).contiguous(), cols[0].to(param.dtype).contiguous() if cols else None)
 
 
 @functools.lru_cache(maxsize=256)
 def _row_split(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, training: frozenset[int]) -> Split:
-    """Masks for a task-indexed parameter of ``shape``: the rows not being trained."""
-    mask = torch.ones(shape[0], dtype=torch.bool, device=device)
-    mask[sorted(training)] = False
-    return _split(mask.view(-1, *([1] * (len(shape) - 1))).expand(shape), dtype)
+    """The protected entries of a task-indexed parameter of ``shape``: the rows not being trained."""
+    mask = torch.ones(shape[0], dtype=dtype, device=device)
+    mask[sorted(training)] = 0
+    return Split(mask.view(-1, *([1] * (len(shape) - 1))))
 
 
 class _StepState:

@@ -130,3 +130,70 @@ def test_the_cli_under_torchrun_writes_one_result_with_zero_bwt_and_resumes(tmp_
     assert json.loads((tmp_path / "part" / "results.json").read_text())["matrix"] == results["matrix"]
     refused = _torchrun("--budget", "1.0")
     assert refused.returncode != 0 and "--budget runs in one process only" in refused.stderr
+
+
+class _PerTaskHeads(nn.Module):
+    """A converted trunk and one plain head per task (hat-cl's examples use this)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU())
+        self.heads = nn.ModuleList(nn.Linear(32, 2) for _ in range(2))
+        self.task = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.heads[self.task](self.trunk(x))
+
+
+def _misuse_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 2, (16,))
+    errors = {}
+    # 1. wrapped first, converted after: DDP does not know the task embeddings
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 2))
+    ddp = nn.parallel.DistributedDataParallel(plain)
+    model = hat.convert(plain, hat.HATConfig(num_tasks=2))  # in place: ddp.module is the converted model
+    hat.set_task(model, 0, mask_scale=10.0)
+    try:
+        ddp(x)
+    except Exception as err:  # noqa: BLE001 - the test reports what was raised
+        errors["converted after wrapping"] = [type(err).__name__, str(err)]
+    # 2. per-task plain heads without find_unused_parameters: the head of the other task gets no gradient
+    model = _PerTaskHeads()
+    hat.convert(model.trunk, hat.HATConfig(num_tasks=2))
+    ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    try:
+        for _ in range(2):
+            hat.set_task(model.trunk, 0, mask_scale=10.0)
+            optimizer.zero_grad()
+            F.cross_entropy(ddp(x), y).backward()
+            optimizer.step()
+    except Exception as err:  # noqa: BLE001
+        errors["per-task heads"] = [type(err).__name__, str(err)]
+    with open(os.path.join(out, f"misuse{rank}.json"), "w") as f:
+        json.dump(errors, f)
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+def test_what_ddp_cannot_do_with_hat_is_a_clear_error_on_every_rank_not_a_hang(tmp_path):
+    context = torch.multiprocessing.spawn(_misuse_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD,
+                                          join=False)
+    for _ in range(120):  # at most 2 minutes: a hang fails the test instead of the suite
+        if context.join(timeout=1):
+            break
+    else:
+        for p in context.processes:
+            p.kill()
+        pytest.fail("the processes hung")
+    for rank in range(WORLD):
+        errors = json.loads((tmp_path / f"misuse{rank}.json").read_text())
+        kind, text = errors["converted after wrapping"]
+        assert kind == "HATTypeError" and "task_embedding" in text and "then wrap it" in text, text
+        kind, text = errors["per-task heads"]
+        assert "find_unused_parameters=True" in text, text

@@ -29,7 +29,7 @@ from hat.masks.group import group_of
 from hat.payload import UNKNOWN, HATPayload, _along
 from hat.tracking import recording
 from hat.tracking.selection import is_per_sample
-from hat.tracking.tracked import Selection, TaskTracked, invalidate
+from hat.tracking.tracked import Selection, TaskTracked, _active_ddp, invalidate
 
 __all__ = ["HATMasked", "TaskModule"]
 
@@ -43,6 +43,8 @@ class TaskModule(TaskTracked):
         return self._hat_dispatch(input, *args, **kwargs)
 
     def _hat_dispatch(self, input: Any, *args: Any, **kwargs: Any) -> Any:
+        if _active_ddp() is not None:
+            self._hat_check_ddp()
         if isinstance(input, HATPayload):
             return self._hat_forward_payload(input, self._hat_begin(input), *args, **kwargs)
         rec = recording.active()

@@ -67,6 +67,9 @@ class Selection(NamedTuple):
     scale: Any
 
 
+_active_ddp = nn.parallel.DistributedDataParallel._get_active_ddp_module  # the DDP whose forward runs (None: none)
+
+
 def _row(param: torch.Tensor, slot: Any) -> torch.Tensor:
     """Row ``slot`` of a task-indexed tensor; ``slot`` an int or a 0-d tensor (torch.compile); a
     1-d tensor of per-sample ids gives one row per sample."""
@@ -235,6 +238,7 @@ class TaskTracked:
         state.pop("_hat_probe", None)
         state.pop("_hat_step", None)
         state.pop("_hat_mask_cache", None)
+        state.pop("_hat_ddp_checked", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -257,6 +261,34 @@ class TaskTracked:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[misc]
         invalidate(self)  # the embeddings the cached masks came from may have changed
         self._hat_step.trained = None
+
+    def _hat_check_ddp(self) -> None:
+        """Inside a DistributedDataParallel forward (eager): this module's trainable parameters
+        must be among those DDP synchronizes. A model made task-aware after DDP wrapped it has
+        task embeddings DDP does not know: their gradients would stay per rank and the ranks'
+        masks drift apart silently. Checked once per DDP object."""
+        ddp = _active_ddp()
+        if ddp is None or torch.compiler.is_compiling():
+            return
+        checked = self.__dict__.get("_hat_ddp_checked")
+        if checked is not None and checked() is ddp:
+            return
+        known = ddp.__dict__.get("_hat_param_ids")
+        if known is None:
+            # the parameters DDP registered when it wrapped the model (ddp.parameters() walks the model now)
+            registered = getattr(ddp, "_module_parameters", None)
+            if registered is None:  # a torch without that attribute: nothing to check against
+                return
+            known = ddp.__dict__["_hat_param_ids"] = frozenset(id(p) for p in registered)
+        missing = [n for n, p in self._parameters.items() if p is not None and p.requires_grad and id(p) not in known]
+        if missing:
+            raise HATTypeError(
+                f"{type(self).__name__} runs inside DistributedDataParallel, but its parameter(s) {', '.join(missing)} "
+                "are not among those DDP synchronizes: the model was made task-aware (hat.convert, a HAT layer "
+                "added) after DDP wrapped it. Convert or build the model first, then wrap it: "
+                "DistributedDataParallel(hat.convert(model, cfg), ...)"
+            )
+        self.__dict__["_hat_ddp_checked"] = weakref.ref(ddp)
 
     # -- bookkeeping ----------------------------------------------------------------------
     def _hat_slot(self, task_id: int | None) -> int:

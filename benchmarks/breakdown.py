@@ -27,6 +27,7 @@ from torch.optim.optimizer import (
 )
 
 from hat import HATConfig, HATPayload
+from hat._runtime import RUNTIME
 from hat.protect import hooks as _protect
 from hat.utils import get_hat_reg_term
 
@@ -37,10 +38,10 @@ def timed_hooks() -> dict[str, list[float]]:
 
     def wrap(fn, name):
         def hook(optimizer, *args):
-            protecting = optimizer in _protect._PENDING  # before the post-step hook pops it
+            protecting = optimizer in RUNTIME.pending  # before the post-step hook pops it
             t0 = time.perf_counter()
             fn(optimizer, *args)
-            if optimizer in _protect._PENDING or protecting:  # a HAT model's optimizer, not the plain one's
+            if optimizer in RUNTIME.pending or protecting:  # a HAT model's optimizer, not the plain one's
                 times[name].append(time.perf_counter() - t0)
         return hook
 

@@ -267,3 +267,30 @@ def test_a_state_dict_taken_right_after_training_loads_into_a_fresh_model_that_e
     for t in range(2):
         assert torch.equal(hat.training.predict(fresh, x, t, forward="set_task"),
                            hat.training.predict(model, x, t, forward="set_task"))
+
+
+def test_running_statistics_follow_the_buffers_after_a_copy_a_cast_and_a_data_assignment():
+    """Training forwards update the task's row of the buffers the norm holds now: not a copy's,
+    not those a cast replaced, not the storage a ``.data`` assignment replaced."""
+    torch.manual_seed(0)
+
+    def train_forward(norm, dtype=torch.float32):  # a new batch each time
+        hat.set_task(norm, 1, mask_scale=None)
+        norm.train()
+        with torch.no_grad():  # BatchNorm statistics need no grad; hard masks are allowed without it
+            norm(torch.randn(8, 3, dtype=dtype))
+
+    norm = hat.modules.TaskIndexedBatchNorm1d(2, 3)
+    train_forward(norm)
+    twin = copy.deepcopy(norm)
+    before = norm.running_mean.clone()
+    train_forward(twin)
+    assert torch.equal(norm.running_mean, before) and not torch.equal(twin.running_mean, before)
+    norm.double()
+    train_forward(norm, torch.float64)
+    assert norm.running_mean.dtype == torch.float64 and not torch.equal(norm.running_mean[1].float(), before[1])
+    assert int(norm.num_batches_tracked[1]) == 2
+    norm.running_mean.data = torch.zeros(2, 3, dtype=torch.float64)
+    train_forward(norm, torch.float64)
+    assert not torch.equal(norm.running_mean[1], torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(norm.running_mean[0], torch.zeros(3, dtype=torch.float64))

@@ -102,25 +102,25 @@ def compensated(grad: torch.Tensor, e: torch.Tensor, z: torch.Tensor, mask: torc
 class GroupMask(torch.autograd.Function):
     """The soft masks of one or several layers (one row ``e_i = E_i[t]`` each, one config) in one
     autograd node: ``flush(sigmoid(s * e_i))`` forward; backward HAT's compensated gradient for
-    each row whose mask got a gradient, and the one-hot at ``t`` for that layer's probe (probes
-    are optional: none, or one per row). The rows are selected outside, by torch's own select,
-    whose backward writes them into each ``E``'s gradient without Python.
+    each row whose mask got a gradient, and a report of task ``t`` to that layer's step state
+    (``steps``: one ``_StepState`` per row, or empty), in Python: no probe gradient to create
+    and accumulate per layer. The rows are selected outside, by torch's own select, whose
+    backward writes them into each ``E``'s gradient without Python.
 
     Its tensors are kept as attributes, not saved tensors, so that the node may run backward
     more than once: the masks are reused by every forward until an embedding changes (gradient
     accumulation, checkpointed segments recomputed inside a backward)."""
 
     @staticmethod
-    def forward(ctx: Any, task: int, scale: float, factor: float, clamp: float, n: int,
-                *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        rows, probes = tensors[:n], tensors[n:]
+    def forward(ctx: Any, task: int, scale: float, factor: float, clamp: float, steps: tuple[Any, ...],
+                *rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        n = len(rows)
         e = torch.cat(rows) if n > 1 else rows[0]
         z = e * scale
         mask = torch.sigmoid(z)
         ctx.e, ctx.z, ctx.mask = e, z, mask
         ctx.sizes = [r.shape[0] for r in rows]
-        ctx.task, ctx.factor, ctx.clamp = task, factor, clamp
-        ctx.probes = [(p.shape[0], p.dtype) for p in probes]
+        ctx.task, ctx.factor, ctx.clamp, ctx.steps = task, factor, clamp, steps
         ctx.set_materialize_grads(False)  # a layer not used by this forward gets no gradient at all
         flushed = flush(mask)
         return tuple(flushed.split(ctx.sizes)) if n > 1 else (flushed,)
@@ -129,7 +129,7 @@ class GroupMask(torch.autograd.Function):
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[Any, ...]:
         used = [g is not None for g in grads]
         if not any(used):
-            return (None,) * (5 + len(grads) + len(ctx.probes))
+            return (None,) * (5 + len(grads))
         e = ctx.e
         if len(grads) > 1:
             grad = torch.cat([g if g is not None else e.new_zeros(size) for g, size in zip(grads, ctx.sizes)])
@@ -137,11 +137,10 @@ class GroupMask(torch.autograd.Function):
             grad = grads[0]
         rows = compensated(grad, e, ctx.z, ctx.mask, ctx.factor, ctx.clamp)
         split = rows.split(ctx.sizes) if len(grads) > 1 else (rows,)
-        row_grads = [r if u else None for r, u in zip(split, used)]
-        # [] without probes
-        hots = [one_hot(n, ctx.task, dtype, grad.device) if u else None for (n, dtype), u in zip(ctx.probes, used)]
-        return (None,) * 5 + tuple(row_grads) + tuple(hots)
-
+        for step, u in zip(ctx.steps, used):
+            if u:
+                step.report(ctx.task)
+        return (None,) * 5 + tuple(r if u else None for r, u in zip(split, used))
 
 
 def one_hot(n: int, slot: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

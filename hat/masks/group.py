@@ -22,14 +22,15 @@ __all__ = ["forward_deviation", "group_of"]
 class _Entry:
     """The masks of one (task, scale) of a group, with what they were computed from."""
 
-    __slots__ = ("deviation", "embeddings", "index", "masks", "served", "stamps", "step")
+    __slots__ = ("deviation", "embeddings", "index", "masks", "rows", "served", "stamps", "step")
 
-    def __init__(self, chosen: list[Any], masks: tuple[torch.Tensor, ...]) -> None:
+    def __init__(self, chosen: list[Any], rows: list[torch.Tensor], masks: tuple[torch.Tensor, ...]) -> None:
         self.index = {id(m): i for i, m in enumerate(chosen)}  # position by id(module)
         self.embeddings = [m.task_embedding for m in chosen]
         self.stamps = [(e._version, e.data_ptr()) for e in self.embeddings]
         self.step = RUNTIME.steps  # an optimizer step since makes these masks stale
         self.masks = masks
+        self.rows = rows  # the embedding rows the masks came from (read again by excess_deviation)
         self.served: set[int] = set()  # positions whose layer took its mask in a forward
         self.deviation: float | None = None
 
@@ -43,8 +44,7 @@ class _Entry:
         if self.deviation is None:
             with torch.no_grad():
                 m = torch.cat(self.masks) if len(self.masks) > 1 else self.masks[0]
-                e = (torch.cat([emb[task] for emb in self.embeddings]) if len(self.embeddings) > 1
-                     else self.embeddings[0][task])
+                e = torch.cat(self.rows) if len(self.rows) > 1 else self.rows[0]
                 ref = flush(torch.sigmoid(e * max(scale, s_max)))
                 self.deviation = float(torch.minimum(m, 1 - m).mean() - torch.minimum(ref, 1 - ref).mean())
         return self.deviation
@@ -117,11 +117,12 @@ class _MaskGroup:
         live = [m for m in (r() for r in refs) if m is not None]
         chosen = [m for m in live if m.hat_config is cfg and task < m.num_tasks and m.task_embedding.requires_grad
                   and m.task_embedding.dtype == dtype and m.task_embedding.device == device]
-        masks = GroupMask.apply(task, scale, cfg.grad_comp_factor, cfg.grad_comp_clamp, len(chosen),
-                                 *[m.task_embedding[task] for m in chosen], *[m._hat_probe for m in chosen])
+        rows = [m.task_embedding[task] for m in chosen]
+        masks = GroupMask.apply(task, scale, cfg.grad_comp_factor, cfg.grad_comp_clamp,
+                                tuple(m._hat_step for m in chosen), *rows)
         if len(self.entries) >= 8:
             self.entries.clear()
-        entry = self.entries[key] = _Entry(chosen, masks)
+        entry = self.entries[key] = _Entry(chosen, rows, masks)
         return entry
 
 

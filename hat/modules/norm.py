@@ -385,6 +385,21 @@ class _TaskIndexedBatchNorm(_TaskIndexedNorm):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._hat_near_hard.clear()
 
+    def _hat_stat_rows(self, slot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Row ``slot`` of running_mean, running_var and num_batches_tracked, as views. Kept
+        between forwards in eager mode (three selects per layer and step saved: views of buffers
+        carry no autograd, and writes through them reach the buffers), made anew when a buffer
+        object was replaced (a move, a cast, an assignment)."""
+        buffers = (self.running_mean, self.running_var, self.num_batches_tracked)
+        if torch.compiler.is_compiling():
+            return tuple(b[slot] for b in buffers)  # type: ignore[return-value]
+        cache = self.__dict__.setdefault("_hat_stat_views", {})
+        got = cache.get(slot)
+        if got is None or any(v._base is not b or v.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
+                              for v, b in zip(got, buffers)):
+            got = cache[slot] = tuple(b[slot] for b in buffers)
+        return got
+
     def _stats_factor(self, slot: int, deviation: float | None, batch: int) -> float | None:
         """The weight of this training batch (``batch`` samples) in the running statistics of
         ``slot``; None leaves them as they are. ``deviation``: how far the forward's soft masks are
@@ -397,12 +412,12 @@ class _TaskIndexedBatchNorm(_TaskIndexedNorm):
         seen = self._hat_near_hard
         if deviation is not None and deviation <= self.stats_tolerance:
             largest = seen[slot] = max(seen.get(slot, 0), batch)
-            self.num_batches_tracked[slot].add_(1)
+            self._hat_stat_rows(slot)[2].add_(1)
             return batch / largest
         if deviation is not None and slot in seen:
             return None  # a softer forward runs another network than evaluation does
-        counted = self.num_batches_tracked[slot]
-        counted.add_(1)  # in place on the row's view: two ops, not three
+        counted = self._hat_stat_rows(slot)[2]
+        counted.add_(1)  # in place on the row's view
         return self.momentum if self.momentum is not None else 1.0 / float(counted)
 
     def _forward_deviation(self, task: int | None, scale: float | None, source: Any) -> float | None:
@@ -576,7 +591,7 @@ class _TaskIndexedBatchNorm(_TaskIndexedNorm):
             if self.training:
                 factor = self._stats_factor(slot, deviation, x.shape[0])
             if factor is not None:
-                running_mean, running_var = self.running_mean[slot], self.running_var[slot]  # views: row `slot` only
+                running_mean, running_var, _ = self._hat_stat_rows(slot)  # views: row `slot` only
         weight = bias = None
         if self.affine:
             weight, bias = rows(self, slot, self.weight, self.bias, mark=mark)

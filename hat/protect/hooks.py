@@ -247,21 +247,25 @@ def _protected_entries(modules: list[TaskTracked], training: dict[int, set[int]]
 
 
 def _read_latest(modules: list[TaskTracked]) -> None:
-    """Turn the probe gradients of the latest backwards into slot sets (one sync for all)."""
+    """Turn the reports of the latest backwards into slot sets: probe gradients (one sync for
+    all) and the slots the group mask node reported in Python."""
     reading = [m for m in modules if m._hat_step.latest is not None]
-    if not reading:
-        return
-    grads = [m._hat_step.latest for m in reading]
-    device = grads[0].device
-    if any(g.device != device for g in grads):
-        grads = [g.to(device) for g in grads]
-    flat = (torch.cat(grads) if len(grads) > 1 else grads[0]).tolist()  # one op and one sync for all
-    i = 0
-    for m, g in zip(reading, grads):
-        n = g.shape[0]
-        m._hat_step.bwd = {s for s in range(n) if flat[i + s] != 0}
-        m._hat_step.latest = None
-        i += n
+    from_probe: dict[int, set[int]] = {}
+    if reading:
+        grads = [m._hat_step.latest for m in reading]
+        device = grads[0].device
+        if any(g.device != device for g in grads):
+            grads = [g.to(device) for g in grads]
+        flat = (torch.cat(grads) if len(grads) > 1 else grads[0]).tolist()  # one op and one sync for all
+        i = 0
+        for m, g in zip(reading, grads):
+            n = g.shape[0]
+            from_probe[id(m)] = {s for s in range(n) if flat[i + s] != 0}
+            i += n
+    for m in modules:
+        step = m._hat_step
+        if step.reported_graph is not None or id(m) in from_probe:
+            step.take(from_probe.get(id(m)))
 
 
 def _buffer(optimizer: Any, p: torch.Tensor) -> torch.Tensor:

@@ -124,7 +124,9 @@ def _on_probe(ref: weakref.ref, probe: torch.Tensor) -> None:
     module = ref()
     if module is not None:
         # the latest backward's slots; read (one sync for all modules) at the next step
-        module._hat_step.latest = probe.grad
+        step = module._hat_step
+        step.latest = probe.grad
+        step.latest_graph = _graph_task()
     probe.grad = None
 
 
@@ -239,6 +241,7 @@ class TaskTracked:
         state.pop("_hat_step", None)
         state.pop("_hat_mask_cache", None)
         state.pop("_hat_ddp_checked", None)
+        state.pop("_hat_stat_views", None)  # views of its buffers: made anew from the unpickled ones
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -417,6 +420,7 @@ class TaskTracked:
         step.witnessed.update(t for t in step.bwd if t < self.num_tasks)
         step.bwd = set()
         step.latest = None
+        step.reported, step.reported_graph = set(), None
 
 
 class Split(NamedTuple):
@@ -461,14 +465,48 @@ def _row_split(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype,
 
 
 class _StepState:
-    """What one training step has seen so far; transient, never saved."""
+    """What one training step has seen so far; transient, never saved.
 
-    __slots__ = ("bwd", "latest", "trained", "witnessed")
+    Which slots the latest backward that reached the module trained comes two ways: a probe
+    gradient (``latest``, read with one device sync for all modules at the step) or, from the
+    group mask node of eager forwards, Python reports (``reported``), no tensor at all. Each is
+    tagged with the backward (autograd graph task) it came from; the step takes the later one."""
+
+    __slots__ = ("bwd", "latest", "latest_graph", "reported", "reported_graph", "trained", "witnessed")
 
     def __init__(self) -> None:
         self.latest: torch.Tensor | None = None  # the probe gradient of the latest backward, not yet read
+        self.latest_graph = -1  # the backward it came from
+        self.reported: set[int] = set()  # slots reported in Python by the latest backward, not yet read
+        self.reported_graph: int | None = None  # that backward (None: no report pending)
         self.bwd: set[int] = set()  # slots of the latest backward that reached this module, until a step
         self.trained: frozenset[int] | None = None  # hat_trained as read this step
         # tasks whose optimizer steps this module object saw (not those of a copy or a checkpoint)
         self.witnessed: set[int] = set()
 
+    def report(self, slot: int) -> None:
+        """A backward trained ``slot`` through this module (called from inside that backward)."""
+        graph = _graph_task()
+        if graph != self.reported_graph:  # a new backward: the slots of earlier ones are replaced
+            self.reported_graph = graph
+            self.reported = set()
+        self.reported.add(slot)
+
+    def take(self, from_probe: set[int] | None) -> None:
+        """Set ``bwd`` from the latest backward's reports (``from_probe``: the slots the probe
+        gradient ``latest`` gave, None where there was none) and clear them."""
+        if self.reported_graph is not None:
+            if from_probe is not None and self.latest_graph == self.reported_graph:
+                self.bwd = self.reported | from_probe
+            elif from_probe is None or self.reported_graph > self.latest_graph:
+                self.bwd = self.reported
+            else:
+                self.bwd = from_probe
+            self.reported, self.reported_graph = set(), None
+        elif from_probe is not None:
+            self.bwd = from_probe
+        self.latest = None
+
+
+# the running backward's graph task id (increasing; -1 outside a backward)
+_graph_task = getattr(torch._C, "_current_graph_task_id", lambda: -1)

@@ -244,6 +244,15 @@ def measure(network: str, args: argparse.Namespace, device: torch.device) -> Non
     print("   HAT extra by where it lives (MB):")
     for place, n in h.places.most_common():
         print(f"     {n / MB:9.3f}  {place}")
+    # the BatchNorm refresh keeps the task's latest inputs, up to a cap: what that cap costs here
+    from hat.convert.statistics import KEEP_BYTES, KEEP_SAMPLES
+
+    kept_now = h.places["module.__dict__['_hat_stats_pending']"]
+    capped = min(KEEP_SAMPLES * x.nbytes // args.batch_size, KEEP_BYTES)  # the model's inputs, not the labels
+    print(f"   of which inputs kept for the BatchNorm refresh: {kept_now / MB:.3f} MB after {args.steps} steps; "
+          f"after {KEEP_SAMPLES // args.batch_size} or more steps {capped / MB:.3f} MB (at most {KEEP_SAMPLES} "
+          f"samples), total {(h.total() - kept_now + capped) / MB:.3f} MB, ratio "
+          f"{(h.total() - kept_now + capped) / p.total():.2f}x")
     print(f"   unattributed live tensor storage on {device} (neither model, nor the inputs): "
           f"{others.total() / MB:.3f} MB")
     for place, n in others.places.most_common():

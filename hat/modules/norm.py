@@ -389,16 +389,18 @@ class _TaskIndexedBatchNorm(_TaskIndexedNorm):
         """Row ``slot`` of running_mean, running_var and num_batches_tracked, as views. Kept
         between forwards in eager mode (three selects per layer and step saved: views of buffers
         carry no autograd, and writes through them reach the buffers), made anew when a buffer
-        object was replaced (a move, a cast, an assignment)."""
-        buffers = (self.running_mean, self.running_var, self.num_batches_tracked)
+        object or its storage was replaced (a move, a cast, a ``.data`` assignment)."""
+        buffers = self._buffers
+        mean, var, count = buffers["running_mean"], buffers["running_var"], buffers["num_batches_tracked"]
         if torch.compiler.is_compiling():
-            return tuple(b[slot] for b in buffers)  # type: ignore[return-value]
+            return mean[slot], var[slot], count[slot]
         cache = self.__dict__.setdefault("_hat_stat_views", {})
         got = cache.get(slot)
-        if got is None or any(v._base is not b or v.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
-                              for v, b in zip(got, buffers)):
-            got = cache[slot] = tuple(b[slot] for b in buffers)
-        return got
+        if (got is None or got[0]._base is not mean or got[1]._base is not var or got[2]._base is not count
+                or got[3] != (mean.data_ptr(), var.data_ptr(), count.data_ptr())):
+            got = cache[slot] = (mean[slot], var[slot], count[slot], (mean.data_ptr(), var.data_ptr(),
+                                                                      count.data_ptr()))
+        return got[:3]  # type: ignore[return-value]
 
     def _stats_factor(self, slot: int, deviation: float | None, batch: int) -> float | None:
         """The weight of this training batch (``batch`` samples) in the running statistics of

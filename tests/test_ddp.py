@@ -1,5 +1,6 @@
 """DistributedDataParallel with 2 gloo processes on CPU: a converted MLP, a converted CNN with
-BatchNorm and a CNN built from hat.modules (called with payloads) train 3 digit tasks, each rank on
+BatchNorm, a CNN built from hat.modules (called with payloads) and timm's hat_resnet18s train 3
+digit tasks, each rank on
 its own shard, one AdamW for the sequence (``find_unused_parameters=False``). Parameters stay
 identical across ranks, and on every rank each earlier task's evaluation outputs stay
 bit-identical (each rank keeps its own BatchNorm rows: a broadcast of rank 0's rows would change a
@@ -7,6 +8,7 @@ finished task's statistics on the others)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -49,6 +51,16 @@ def _worker(rank: int, port: int, out: str) -> None:
     models = {name: hat.convert(plain, hat.HATConfig(num_tasks=TASKS)) for name, plain in _models().items()}
     torch.manual_seed(0)
     models["payload cnn"] = build_model("cnn", TASKS, 2)  # hat.modules layers, called with payloads
+    try:
+        import timm
+
+        importlib.import_module("hat.timm_models")  # registers the hat_* models with timm
+    except ImportError:  # timm is an extra
+        pass
+    else:
+        torch.manual_seed(0)
+        models["timm hat_resnet18s"] = timm.create_model("hat_resnet18s", hat_config=hat.HATConfig(num_tasks=TASKS),
+                                                         num_classes=2, in_chans=1)
     for name, model in models.items():  # converted (or built) first, then wrapped
         payload = name.startswith("payload")
         ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
@@ -104,7 +116,9 @@ def test_two_gloo_processes_keep_ranks_identical_and_earlier_tasks_exact(tmp_pat
             assert checks["params_identical"] == [True] * TASKS, (rank, name)
             assert len(checks["earlier_equal"]) == TASKS * (TASKS - 1) // 2
             assert all(checks["earlier_equal"]), (rank, name, checks["earlier_equal"])
-            assert min(checks["accuracy"]) > 0.9, (rank, name, checks["accuracy"])
+            # a ResNet on 8x8 digits for a few dozen steps learns less; its protection is what is checked
+            assert min(checks["accuracy"]) > (0.6 if name.startswith("timm") else 0.9), (rank, name, checks["accuracy"])
+        assert "timm hat_resnet18s" in report or importlib.util.find_spec("timm") is None
 
 
 def _torchrun(*argv: str) -> subprocess.CompletedProcess:

@@ -1,7 +1,7 @@
 """DistributedDataParallel with 2 gloo processes on CPU: a converted MLP, a converted CNN with
 BatchNorm, a CNN built from hat.modules (called with payloads) and timm's hat_resnet18s train 3
-digit tasks, each rank on
-its own shard, one AdamW for the sequence (``find_unused_parameters=False``). Parameters stay
+digit tasks, each rank on its own shard, one AdamW for the sequence
+(``find_unused_parameters=False``). Parameters stay
 identical across ranks, and on every rank each earlier task's evaluation outputs stay
 bit-identical (each rank keeps its own BatchNorm rows: a broadcast of rank 0's rows would change a
 finished task's statistics on the others)."""

@@ -228,16 +228,3 @@ def test_masks_are_recomputed_after_a_fused_step_under_a_dispatch_mode():
     twin = copy.deepcopy(model)  # its own config, so no cached mask
     hat.set_task(twin, 0, mask_scale=5.0)
     assert torch.equal(out, twin(x))
-
-
-def test_the_mask_folded_into_a_norms_affine_has_exact_gradients_of_first_and_second_order():
-    """A task-indexed BatchNorm multiplies its affine rows by the layer's mask in one node; its
-    gradients are those of the two products, and a gradient penalty (double backward) works."""
-    from hat.modules.norm import _FoldMask
-
-    torch.manual_seed(0)
-    w, b, m = (torch.randn(6, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    assert torch.autograd.gradcheck(_FoldMask.apply, (w, b, m))
-    assert torch.autograd.gradgradcheck(_FoldMask.apply, (w, b, m))
-    folded = _FoldMask.apply(w, b, m)
-    assert torch.equal(folded[0], w * m) and torch.equal(folded[1], b * m)

@@ -598,10 +598,7 @@ class _TaskIndexedBatchNorm(_TaskIndexedNorm):
         if self.affine:
             weight, bias = rows(self, slot, self.weight, self.bias, mark=mark)
             if mask is not None:
-                if torch.compiler.is_compiling() or not torch.is_grad_enabled():  # a compiled graph fuses them
-                    weight, bias = weight * mask, bias * mask
-                else:
-                    weight, bias = _FoldMask.apply(weight, bias, mask)
+                weight, bias = weight * mask, bias * mask
         y = self._batch_norm(x, running_mean, running_var, weight, bias, use_batch_stats, factor or 0.0)
         if mask is not None and not self.affine:
             y = y * _along(mask, 1, y.dim())
@@ -615,28 +612,6 @@ class _TaskIndexedBatchNorm(_TaskIndexedNorm):
         return (f"num_tasks={self.num_tasks}, num_features={self.num_features}, eps={self.eps}, "
                 f"momentum={self.momentum}, "
                 f"affine={self.affine}, track_running_stats={self.track_running_stats}")
-
-
-class _FoldMask(torch.autograd.Function):
-    """``(weight * mask, bias * mask)``: a layer's mask folded into the affine of the norm after
-    it, in one multi-tensor op forward and three ops backward (autograd's two products took two
-    forward and five backward: a product and its backward per tensor, and the sum of the mask's
-    two gradients). Its backward is made of differentiable ops: double backward works."""
-
-    @staticmethod
-    def forward(ctx: Any, weight: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        ctx.save_for_backward(weight, bias, mask)
-        return tuple(torch._foreach_mul([weight, bias], [mask, mask]))
-
-    @staticmethod
-    def backward(ctx: Any, grad_weight: torch.Tensor, grad_bias: torch.Tensor) -> tuple[Any, ...]:
-        weight, bias, mask = ctx.saved_tensors
-        out_weight = out_bias = out_mask = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            out_weight, out_bias = torch._foreach_mul([grad_weight, grad_bias], [mask, mask])
-        if ctx.needs_input_grad[2]:
-            out_mask = torch.addcmul(grad_weight * weight, grad_bias, bias)
-        return out_weight, out_bias, out_mask
 
 
 class TaskIndexedBatchNorm1d(_TaskIndexedBatchNorm):

@@ -144,6 +144,17 @@ def test_the_cli_under_torchrun_writes_one_result_with_zero_bwt_and_resumes(tmp_
     assert json.loads((tmp_path / "part" / "results.json").read_text())["matrix"] == results["matrix"]
     refused = _torchrun("--budget", "1.0")
     assert refused.returncode != 0 and "--budget runs in one process only" in refused.stderr
+    # hat-cl run --nproc 2 launches the same torchrun itself
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    launched = subprocess.run([sys.executable, "-m", "hat", "run", "--nproc", str(WORLD), "--benchmark", "split-digits",
+                               "--tasks", "3", "--model", "cnn", "--epochs", "3", "--out", str(tmp_path / "nproc")],
+                              capture_output=True, text=True, timeout=300, env=env)
+    assert launched.returncode == 0, launched.stderr[-2000:]
+    assert launched.stdout.count("Accuracy (%): row = after training task t") == 1
+    assert json.loads((tmp_path / "nproc" / "results.json").read_text())["matrix"] == results["matrix"]
+    refused = subprocess.run([sys.executable, "-m", "hat", "run", "--nproc", "2", "--budget", "1.0"],
+                             capture_output=True, text=True, timeout=120, env=env)
+    assert refused.returncode == 2 and "--budget runs in one process only" in refused.stderr
 
 
 class _PerTaskHeads(nn.Module):

@@ -12,6 +12,8 @@ rest from local ``torch.Generator`` objects.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -96,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run checkpointed in DIR (an --out folder); the settings must be the same")
     r.add_argument("--stop-after", type=_positive_int, default=None, metavar="TASKS",
                    help="stop once this many tasks are trained (with --checkpoint-every task, --resume continues)")
+    r.add_argument("--nproc", type=_positive_int, default=1, metavar="N",
+                   help="train in N processes (DistributedDataParallel over gloo, one shard of every task each): "
+                        "launches torchrun --standalone --nproc-per-node N for you")
     r.add_argument("--out", default=None, help="write results.json, accuracy_matrix.png and capacity.png here (the "
                                                "folder is created)")
     f = commands.add_parser(
@@ -228,7 +233,6 @@ def run(args: argparse.Namespace, log: Callable[[str], None] | None = None) -> d
 def _distributed() -> tuple[int, int]:
     """``(rank, world size)``: under torchrun (``WORLD_SIZE`` > 1) the process group is started here
     (gloo: the CLI trains on the CPU) if it is not already; else ``(0, 1)``."""
-    import os
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
@@ -350,7 +354,7 @@ _RESUMABLE = {"command", "out", "resume", "checkpoint_every", "stop_after", "com
 def _check_same_settings(saved: dict[str, Any], now: dict[str, Any]) -> None:
     from hat.app.checkpoint import CheckpointError
 
-    saved = {"scenario": "task-incremental", **saved}  # checkpoints from before the option
+    saved = {"scenario": "task-incremental", "nproc": 1, **saved}  # checkpoints from before these options
     differ = [f"{k}={saved.get(k)!r} (now {now.get(k)!r})" for k in sorted(set(saved) | set(now))
               if k not in _RESUMABLE and saved.get(k) != now.get(k)]
     if differ:
@@ -359,7 +363,6 @@ def _check_same_settings(saved: dict[str, Any], now: dict[str, Any]) -> None:
 
 def _progress(label: str) -> Any:
     """A tqdm bar per task and epoch on a terminal; nothing otherwise (logs, tests, pipes)."""
-    import sys
 
     if not sys.stderr.isatty():
         return None
@@ -439,6 +442,26 @@ def _capacity_line(task: int, report: dict[str, dict[str, Any]]) -> str:
     return f"task {task} trained; units used/added/free: " + ", ".join(parts)
 
 
+def _launch(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> int:
+    """``hat-cl run --nproc N ...``: the same command in N processes under torchrun (its exit code)."""
+    import subprocess
+
+    if args.budget is not None:
+        parser.error("--budget runs in one process only for now: compress ranks units on each rank's own data, "
+                     "so the ranks' masks would differ; run without --nproc")
+    rest, skip = [], False
+    for a in argv:  # the processes get the command without --nproc
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
+               "-m", "hat", *rest]
+    return subprocess.call(command, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m hat`` and ``hat-cl``; returns the exit code."""
     import json
@@ -449,6 +472,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "run" and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch(parser, args, list(sys.argv[1:] if argv is None else argv))
     if args.command == "forget":
         from hat.errors import HATError
 
@@ -464,9 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--checkpoint-every task needs --out DIR (the checkpoint goes to DIR/checkpoint)")
         if args.resume is not None and args.out is None:
             args.out = args.resume  # keep writing where the run was
-        import os
-
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.budget is not None:
+        if args.budget is not None and (args.nproc > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1):
             parser.error("--budget runs in one process only for now: compress ranks units on each rank's own data, "
                          "so the ranks' masks would differ; run without torchrun")
         try:

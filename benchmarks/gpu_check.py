@@ -22,6 +22,7 @@ peak memory of a step, and DistributedDataParallel.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import pathlib
 import socket
@@ -124,7 +125,7 @@ def _steppers(device: torch.device, fused: bool, mode: str | None, batch: int) -
         loss.backward()
         opt_hat.step()
 
-    def step_plain(task: int = 1) -> None:
+    def step_plain() -> None:
         loss = F.cross_entropy(call_plain(x), y)
         opt_plain.zero_grad()
         loss.backward()
@@ -175,8 +176,6 @@ def peak_memory(device: torch.device, batch: int = 128) -> None:
         torch.cuda.synchronize()
         out[name] = torch.cuda.max_memory_allocated()
         del step
-        import gc
-
         gc.collect()
         torch.cuda.empty_cache()
     print(f"peak memory of one training step (fused AdamW, batch {batch}, the other model freed): HAT "

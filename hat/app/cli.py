@@ -442,13 +442,10 @@ def _capacity_line(task: int, report: dict[str, dict[str, Any]]) -> str:
     return f"task {task} trained; units used/added/free: " + ", ".join(parts)
 
 
-def _launch(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> int:
+def _launch(args: argparse.Namespace, argv: list[str]) -> int:
     """``hat-cl run --nproc N ...``: the same command in N processes under torchrun (its exit code)."""
     import subprocess
 
-    if args.budget is not None:
-        parser.error("--budget runs in one process only for now: compress ranks units on each rank's own data, "
-                     "so the ranks' masks would differ; run without --nproc")
     rest, skip = [], False
     for a in argv:  # the processes get the command without --nproc
         if skip:
@@ -472,8 +469,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "run" and args.budget is not None and (args.nproc > 1
+                                                              or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        parser.error("--budget runs in one process only for now: compress ranks units on each rank's own data, "
+                     "so the ranks' masks would differ; run without --nproc or torchrun")
     if args.command == "run" and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return _launch(parser, args, list(sys.argv[1:] if argv is None else argv))
+        return _launch(args, list(sys.argv[1:] if argv is None else argv))
     if args.command == "forget":
         from hat.errors import HATError
 
@@ -489,9 +490,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--checkpoint-every task needs --out DIR (the checkpoint goes to DIR/checkpoint)")
         if args.resume is not None and args.out is None:
             args.out = args.resume  # keep writing where the run was
-        if args.budget is not None and (args.nproc > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1):
-            parser.error("--budget runs in one process only for now: compress ranks units on each rank's own data, "
-                         "so the ranks' masks would differ; run without torchrun")
         try:
             results = [run(args, log=_print_now)]
             if args.compare:

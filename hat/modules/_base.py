@@ -43,8 +43,9 @@ class TaskModule(TaskTracked):
         return self._hat_dispatch(input, *args, **kwargs)
 
     def _hat_dispatch(self, input: Any, *args: Any, **kwargs: Any) -> Any:
-        if _active_ddp() is not None:
-            self._hat_check_ddp()
+        ddp = _active_ddp()
+        if ddp is not None:
+            self._hat_check_ddp(ddp)
         if isinstance(input, HATPayload):
             return self._hat_forward_payload(input, self._hat_begin(input), *args, **kwargs)
         rec = recording.active()

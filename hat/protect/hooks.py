@@ -65,7 +65,6 @@ class _Protection:
     grid: list[torch.Tensor] = field(default_factory=list)  # parameters protected by row and column
     grid_saved: list[torch.Tensor] = field(default_factory=list)
     grid_rows: list[torch.Tensor] = field(default_factory=list)
-    grid_cols: list[torch.Tensor] = field(default_factory=list)
     grid_free: list[torch.Tensor] = field(default_factory=list)  # 1 - cols
     # parameters whose gradient HAT conditions, with their masks' factors (None: no cols)
     conditioned: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]] = field(
@@ -86,7 +85,6 @@ class _Protection:
             self.grid.append(p)
             self.grid_saved.append(buf)
             self.grid_rows.append(split.rows)
-            self.grid_cols.append(split.cols)
             self.grid_free.append(1 - split.cols)
         if condition:
             # HAT's conditioning (the gradient of protected entries is 0), so that momentum and

@@ -265,13 +265,12 @@ class TaskTracked:
         invalidate(self)  # the embeddings the cached masks came from may have changed
         self._hat_step.trained = None
 
-    def _hat_check_ddp(self) -> None:
+    def _hat_check_ddp(self, ddp: Any) -> None:
         """Inside a DistributedDataParallel forward (eager): this module's trainable parameters
         must be among those DDP synchronizes. A model made task-aware after DDP wrapped it has
         task embeddings DDP does not know: their gradients would stay per rank and the ranks'
-        masks drift apart silently. Checked once per DDP object."""
-        ddp = _active_ddp()
-        if ddp is None or torch.compiler.is_compiling():
+        masks drift apart silently. Checked once per DDP object (``ddp``: the active one)."""
+        if torch.compiler.is_compiling():
             return
         checked = self.__dict__.get("_hat_ddp_checked")
         if checked is not None and checked() is ddp:

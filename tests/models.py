@@ -55,4 +55,6 @@ OPTIMIZERS = {
     "adam": lambda params: torch.optim.Adam(params, lr=2e-3),
     "adamw": lambda params: torch.optim.AdamW(params, lr=2e-3, weight_decay=0.01),
     "rmsprop": lambda params: torch.optim.RMSprop(params, lr=1e-3),
+    # not elementwise (factored second moments): the step conditions its gradients as well
+    "adafactor": lambda params: torch.optim.Adafactor(params, lr=1e-2),
 }

@@ -6,7 +6,8 @@ installed once when ``hat`` is imported) we
 
 - before the step: work out which tasks the step trains (the tasks whose gradients reached
   the optimizer's HAT modules since the last step), which trained tasks it must not touch,
-  and copy the parameters that hold protected entries;
+  copy the parameters that hold protected entries, and, for an optimizer that is not
+  elementwise (see ``_ELEMENTWISE``), condition their gradients as HAT does;
 - after the step: clamp the task embeddings, put every protected entry back to the bit, and
   mark the trained tasks.
 
@@ -32,6 +33,18 @@ from hat.modules._base import HATMasked
 from hat.tracking.tracked import TaskTracked, live_modules, on_first_module, task_modules
 
 __all__ = ["condition_gradients", "install", "mark_trained", "trained_tasks"]
+
+# torch.optim optimizers whose update of an entry reads that entry's gradient and state alone. For
+# them the exact restore after the step is all the protection needs: conditioning the gradient
+# too (two more passes over the gradient of every protected weight) would change only the state
+# of entries the step is not allowed to change. Any other optimizer gets HAT's conditioned
+# gradient before its step as well: in Adafactor, LBFGS or Muon one entry's gradient moves the
+# update of the others, and a subclass or a third-party optimizer may do the same.
+_ELEMENTWISE = frozenset({
+    torch.optim.ASGD, torch.optim.Adadelta, torch.optim.Adagrad, torch.optim.Adam, torch.optim.AdamW,
+    torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam, torch.optim.RMSprop, torch.optim.Rprop,
+    torch.optim.SGD, torch.optim.SparseAdam,
+})
 
 def _plain_used(p: torch.Tensor) -> list[bool] | None:
     """Per task: did it train plain parameter ``p`` (None: none has)."""
@@ -87,8 +100,8 @@ class _Protection:
             self.grid_rows.append(split.rows)
             self.grid_free.append(1 - split.cols)
         if condition:
-            # HAT's conditioning (the gradient of protected entries is 0), so that momentum and
-            # Adam's moments do not build up on entries the step may not change
+            # HAT's conditioning (the gradient of protected entries is 0), for optimizers in which
+            # the gradient of one entry moves the update of others
             self.conditioned.append((p, split.rows, split.cols, buf))
 
 
@@ -98,6 +111,7 @@ class _Plan:
     modules: list[TaskTracked]
     plain: list[nn.Parameter]
     in_optimizer: set[int]
+    condition: bool  # condition gradients before the step (the optimizer is not elementwise)
     protections: dict[Any, _Protection] = field(default_factory=dict)
     seen: int = -1  # RUNTIME.generation when the generations below were read
     generations: tuple[Any, ...] = ()  # its modules' cache generations
@@ -118,7 +132,7 @@ class _Plan:
             got = self.protections[key] = _Protection()
             for _, p, split, condition in _protected_entries(self.modules, training, protected):
                 if id(p) in self.in_optimizer:
-                    got.add(optimizer, p, split, condition)
+                    got.add(optimizer, p, split, condition and self.condition)
             by_clamp: dict[float, list[torch.Tensor]] = {}
             for m in self.modules:
                 if isinstance(m, HATMasked):
@@ -196,7 +210,7 @@ def _plan(optimizer: torch.optim.Optimizer) -> _Plan:
         elif id(owner) not in seen:
             seen.add(id(owner))
             modules.append(owner)
-    plan = _Plan(key, modules, plain if modules else [], set(key))
+    plan = _Plan(key, modules, plain if modules else [], set(key), type(optimizer) not in _ELEMENTWISE)
     RUNTIME.plans[optimizer] = plan
     return plan
 
@@ -373,8 +387,11 @@ def _condition(entries: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | No
 def condition_gradients(model: nn.Module) -> None:
     """Apply HAT's gradient conditioning to ``model``'s gradients now (after ``backward()``).
 
-    ``optimizer.step()`` of any torch.optim optimizer does this itself, and restores protected
-    entries exactly. Call it in loops that update parameters by hand (with ``mark_trained``
+    ``optimizer.step()`` restores protected entries exactly with any torch.optim optimizer, and
+    conditions the gradients itself for those that are not elementwise (Adafactor, LBFGS, Muon,
+    subclasses and third-party optimizers): for SGD, Adam and the other elementwise ones the
+    restore alone keeps earlier tasks intact, and the gradients they leave are not conditioned.
+    Call it in loops that update parameters by hand (with ``mark_trained``
     after each task), or before gradient clipping to clip the conditioned gradients, as the paper
     does. Calling it twice changes nothing (the masks are 0/1).
     """

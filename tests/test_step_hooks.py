@@ -80,7 +80,8 @@ def _expected_protected(convs):
     return out
 
 
-@pytest.mark.parametrize("how", ["Adafactor step", "SGD subclass step", "hat.condition_gradients"])
+@pytest.mark.parametrize("how", ["Adafactor step", "SGD subclass step", "hat.condition_gradients",
+                                 "hat.condition_gradients, every output of the last conv used"])
 def test_protection_conditions_exactly_the_entries_of_used_rows_and_columns_and_keeps_no_full_size_mask(how):
     """A weight's protected entries are (output unit used) and (input unit used) by the trained
     tasks: conditioning zeroes exactly those gradient entries, including in a grouped conv, and
@@ -101,14 +102,18 @@ def test_protection_conditions_exactly_the_entries_of_used_rows_and_columns_and_
     for _ in range(3):
         backward(0)
         optimizer.step()
+    if how.endswith("used"):  # its protection is then the input units' factor alone
+        with torch.no_grad():
+            convs[-1].task_embedding[0] = 3.0
     backward(1)
     raw = {id(m): m.weight.grad.clone() for m in convs}
     before = {id(m): m.weight.detach().clone() for m in convs}
-    optimizer.step() if how != "hat.condition_gradients" else hat.condition_gradients(model)  # .grad in place
+    stepped = how.endswith("step")
+    optimizer.step() if stepped else hat.condition_gradients(model)  # .grad in place
     for m, protected in _expected_protected(convs):
         expected = torch.where(protected, torch.zeros_like(raw[id(m)]), raw[id(m)])
         assert torch.equal(m.weight.grad, expected), how
-        if how != "hat.condition_gradients":
+        if stepped:
             assert torch.equal(m.weight[protected], before[id(m)][protected])
             assert not torch.equal(m.weight[~protected], before[id(m)][~protected])
     for m in convs:

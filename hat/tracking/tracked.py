@@ -427,7 +427,9 @@ class Split(NamedTuple):
     (the output units protected tasks use) times ``cols`` (the input units they read; None: all).
     A mask of the parameter's size is never kept: ``rows`` is ``[out, 1, ...]``, ``cols`` the
     input units over the kernel ``[1, in, *kernel]`` (a grouped conv, whose rows read different
-    inputs: one factor ``[out, in_per_group, 1, ...]``). Float, not bool: the hooks undo an
+    inputs: one factor ``[out, in_per_group, 1, ...]``). Where every input unit is protected,
+    ``cols`` is None; where every output unit is, ``rows`` holds the input units' factor alone
+    (one factor is one pass over the parameter fewer). Float, not bool: the hooks undo an
     update with lerp, exact for 0/1 weights, and condition gradients as ``g - g * protect``
     (exactly g or 0)."""
 
@@ -452,6 +454,10 @@ def _split(factors: tuple[torch.Tensor, ...], param: torch.Tensor) -> Split:
         cols = [cols[0].expand(1, *param.shape[1:])]
     elif cols:  # a grouped conv: each row reads its own group's inputs; one (out, in) factor
         rows, cols = rows & cols[0], []
+    if cols and bool(cols[0].all()):  # every input used (a first layer): protected by whole rows
+        cols = []
+    elif cols and bool(rows.all()):  # every output used: by the columns alone, one factor
+        rows, cols = cols[0], []
     return Split(rows.to(param.dtype).contiguous(), cols[0].to(param.dtype).contiguous() if cols else None)
 
 

@@ -139,13 +139,19 @@ def test_the_cli_under_torchrun_writes_one_result_with_zero_bwt_and_resumes(tmp_
     part = _torchrun("--epochs", "3", "--out", str(tmp_path / "part"), "--checkpoint-every", "task",
                      "--stop-after", "2")
     assert part.returncode == 0, part.stderr[-2000:]
+    # with another number of processes the shards and the batches per epoch differ: refused
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    alone = subprocess.run([sys.executable, "-m", "hat", "run", "--benchmark", "split-digits", "--tasks", "3",
+                            "--model", "cnn", "--epochs", "3", "--resume", str(tmp_path / "part")],
+                           capture_output=True, text=True, timeout=120, env=env)
+    assert alone.returncode != 0 and "world_size=2 (now 1)" in alone.stderr, alone.stderr[-2000:]
+    assert f"hat-cl run --nproc {WORLD}" in alone.stderr
     resumed = _torchrun("--epochs", "3", "--resume", str(tmp_path / "part"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert json.loads((tmp_path / "part" / "results.json").read_text())["matrix"] == results["matrix"]
     refused = _torchrun("--budget", "1.0")
     assert refused.returncode != 0 and "--budget runs in one process only" in refused.stderr
     # hat-cl run --nproc 2 launches the same torchrun itself
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     launched = subprocess.run([sys.executable, "-m", "hat", "run", "--nproc", str(WORLD), "--benchmark", "split-digits",
                                "--tasks", "3", "--model", "cnn", "--epochs", "3", "--out", str(tmp_path / "nproc")],
                               capture_output=True, text=True, timeout=300, env=env)

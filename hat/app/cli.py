@@ -160,6 +160,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] | None = None) -> d
     start = time.perf_counter()
     tasks, model, optimizer, generator = _build_run(config)
     rank, world = _distributed()
+    config["world_size"] = world  # a checkpoint resumes with as many processes as wrote it
     train_with = None
     if world > 1:  # torchrun: each rank trains on its shard of every task, the ranks' gradients averaged
         from torch.nn.parallel import DistributedDataParallel
@@ -354,11 +355,17 @@ _RESUMABLE = {"command", "out", "resume", "checkpoint_every", "stop_after", "com
 def _check_same_settings(saved: dict[str, Any], now: dict[str, Any]) -> None:
     from hat.app.checkpoint import CheckpointError
 
-    saved = {"scenario": "task-incremental", "nproc": 1, **saved}  # checkpoints from before these options
+    # checkpoints from before these options
+    saved = {"scenario": "task-incremental", "nproc": 1, "world_size": 1, **saved}
     differ = [f"{k}={saved.get(k)!r} (now {now.get(k)!r})" for k in sorted(set(saved) | set(now))
               if k not in _RESUMABLE and saved.get(k) != now.get(k)]
     if differ:
-        raise CheckpointError("--resume: the checkpoint was made with other settings: " + ", ".join(differ))
+        hint = ""
+        if saved["world_size"] != now.get("world_size", 1):  # the shards, and the batches per epoch, would differ
+            n = saved["world_size"]
+            hint = (f"; it was written by {n} processes: resume it with hat-cl run --nproc {n} (or torchrun "
+                    f"--nproc-per-node {n})" if n > 1 else "; it was written by one process: resume it alone")
+        raise CheckpointError("--resume: the checkpoint was made with other settings: " + ", ".join(differ) + hint)
 
 
 def _progress(label: str) -> Any:

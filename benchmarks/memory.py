@@ -252,7 +252,8 @@ def measure(network: str, args: argparse.Namespace, device: torch.device) -> Non
     print(f"   of which inputs kept for the BatchNorm refresh: {kept_now / MB:.3f} MB after {args.steps} steps; "
           f"after {KEEP_SAMPLES // args.batch_size} or more steps {capped / MB:.3f} MB (at most {KEEP_SAMPLES} "
           f"samples), total {(h.total() - kept_now + capped) / MB:.3f} MB, ratio "
-          f"{(h.total() - kept_now + capped) / p.total():.2f}x")
+          f"{(h.total() - kept_now + capped) / p.total():.2f}x; without them {(h.total() - kept_now) / MB:.3f} MB, "
+          f"ratio {(h.total() - kept_now) / p.total():.2f}x")
     print(f"   unattributed live tensor storage on {device} (neither model, nor the inputs): "
           f"{others.total() / MB:.3f} MB")
     for place, n in others.places.most_common():

@@ -143,6 +143,42 @@ class GroupMask(torch.autograd.Function):
         return (None,) * 5 + tuple(r if u else None for r, u in zip(split, used))
 
 
+class FoldAffine(torch.autograd.Function):
+    """``w_i * m_i`` and ``b_i * m_i`` for every task-indexed BatchNorm that folds the mask of the
+    layer before it into its affine (``w_i``, ``b_i`` its rows of the task, ``m_i`` that layer's
+    mask), in one node: two multi-tensor products forward, three backward, instead of two
+    products, four and a sum per norm (on a GPU, a kernel each).
+
+    Its tensors are kept as attributes, not saved tensors, so that the node may run backward
+    more than once, as the masks it folds are (see ``GroupMask``)."""
+
+    @staticmethod
+    def forward(ctx: Any, n: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ws, bs, ms = tensors[:n], tensors[n:2 * n], tensors[2 * n:]
+        ctx.ws, ctx.bs, ctx.ms = ws, bs, ms
+        ctx.set_materialize_grads(False)  # a norm not used by this forward gets no gradient at all
+        return (*torch._foreach_mul(ws, ms), *torch._foreach_mul(bs, ms))
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[Any, ...]:
+        ws, bs, ms = ctx.ws, ctx.bs, ctx.ms
+        n = len(ws)
+        used = [i for i in range(n) if grads[i] is not None or grads[n + i] is not None]
+        out: list[Any] = [None] * (1 + 3 * n)
+        if not used:
+            return tuple(out)
+        gw = [grads[i] if grads[i] is not None else torch.zeros_like(ws[i]) for i in used]
+        gb = [grads[n + i] if grads[n + i] is not None else torch.zeros_like(bs[i]) for i in used]
+        m = [ms[i] for i in used]
+        dw = torch._foreach_mul(gw, m)
+        db = torch._foreach_mul(gb, m)
+        dm = torch._foreach_mul(gw, [ws[i] for i in used])
+        torch._foreach_addcmul_(dm, gb, [bs[i] for i in used])
+        for k, i in enumerate(used):
+            out[1 + i], out[1 + n + i], out[1 + 2 * n + i] = dw[k], db[k], dm[k]
+        return tuple(out)
+
+
 def one_hot(n: int, slot: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A cached one-hot, never written to: autograd copies a gradient that something else still
     references instead of adopting it, and the probe's hook drops each gradient it reads."""

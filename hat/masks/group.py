@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from hat._runtime import RUNTIME
-from hat.masks.gate import GroupMask, flush
+from hat.masks.gate import FoldAffine, GroupMask, flush
 
 __all__ = ["forward_deviation", "group_of"]
 
@@ -22,7 +22,7 @@ __all__ = ["forward_deviation", "group_of"]
 class _Entry:
     """The masks of one (task, scale) of a group, with what they were computed from."""
 
-    __slots__ = ("deviation", "embeddings", "index", "masks", "rows", "served", "stamps", "step")
+    __slots__ = ("deviation", "embeddings", "folded", "folds", "index", "masks", "rows", "served", "stamps", "step")
 
     def __init__(self, chosen: list[Any], rows: list[torch.Tensor], masks: tuple[torch.Tensor, ...]) -> None:
         self.index = {id(m): i for i, m in enumerate(chosen)}  # position by id(module)
@@ -33,6 +33,10 @@ class _Entry:
         self.rows = rows  # the embedding rows the masks came from (read again by excess_deviation)
         self.served: set[int] = set()  # positions whose layer took its mask in a forward
         self.deviation: float | None = None
+        # BatchNorm affines with a layer's mask folded in, by id(norm): (weight, bias, what they
+        # were computed from); ``folded``: the norms known when the first was asked for were done
+        self.folds: dict[int, tuple[torch.Tensor, torch.Tensor, tuple[Any, ...]]] = {}
+        self.folded = False
 
     def excess_deviation(self, task: int, scale: float, s_max: float) -> float:
         """How much further these soft masks are from the hard ones than the masks at ``s_max``
@@ -67,11 +71,13 @@ class _MaskGroup:
     an embedding changes: one node and a few ops per forward instead of a dozen per layer, which
     on a CPU cost more in dispatch than in arithmetic."""
 
-    __slots__ = ("entries", "members")
+    __slots__ = ("entries", "followers", "members")
 
     def __init__(self) -> None:
         self.members: list[weakref.ref] = []
         self.entries: dict[tuple[Any, ...], _Entry] = {}  # by (task, scale, dtype, device)
+        # task-indexed BatchNorms that fold a member's mask into their affine: id(norm) -> (norm, member)
+        self.followers: dict[int, tuple[weakref.ref, weakref.ref]] = {}
 
     def mask(self, module: Any, task: int, scale: float) -> torch.Tensor:
         emb = module.task_embedding
@@ -83,6 +89,46 @@ class _MaskGroup:
             i = entry.index[id(module)]
         entry.served.add(i)
         return entry.masks[i]
+
+    def fold(self, norm: Any, source: Any, mask: torch.Tensor, task: int, scale: float,
+             ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``norm``'s rows of ``task`` times ``mask``, the mask ``source`` (a member) took from the
+        current entry, or None where ``mask`` is not that. The first norm that asks in an entry
+        gets the products of every norm known to fold a member's mask, in one ``FoldAffine`` node;
+        one seen for the first time gets a node of its own, and is in the next entry's."""
+        emb = source.task_embedding
+        entry = self.entries.get((task, scale, emb.dtype, emb.device))
+        i = None if entry is None else entry.get(source)
+        if i is None or entry.masks[i] is not mask:
+            return None
+        key = id(norm)
+        known = self.followers.get(key)
+        if known is None or known[0]() is not norm or known[1]() is not source:
+            followers = self.followers
+            self.followers[key] = (weakref.ref(norm, lambda _r, _k=key: followers.pop(_k, None)), weakref.ref(source))
+        got = entry.folds.get(key)
+        if got is None or got[2] != _fold_stamp(norm, task):
+            if entry.folded:
+                chosen = [(norm, i)]
+            else:
+                entry.folded = True
+                chosen = []
+                for n_ref, s_ref in list(self.followers.values()):
+                    n, s = n_ref(), s_ref()
+                    j = None if n is None or s is None else entry.get(s)
+                    if j is not None and _can_fold(n, entry.masks[j], task):
+                        chosen.append((n, j))
+            if not any(n is norm for n, _ in chosen):
+                if not _can_fold(norm, mask, task):
+                    return None
+                chosen.append((norm, i))
+            w = [n.weight[n._hat_slot(task)] for n, _ in chosen]
+            b = [n.bias[n._hat_slot(task)] for n, _ in chosen]
+            out = FoldAffine.apply(len(chosen), *w, *b, *(entry.masks[j] for _, j in chosen))
+            for k, (n, _) in enumerate(chosen):
+                entry.folds[id(n)] = (out[k], out[len(chosen) + k], _fold_stamp(n, task))
+            got = entry.folds[key]
+        return got[0], got[1]
 
     def served(self, layers: list[Any], task: int, scale: float) -> list[torch.Tensor] | None:
         """The masks that ``layers`` took in a forward from one current entry (so that their
@@ -124,6 +170,18 @@ class _MaskGroup:
             self.entries.clear()
         entry = self.entries[key] = _Entry(chosen, rows, masks)
         return entry
+
+
+def _fold_stamp(norm: Any, task: int) -> tuple[Any, ...]:
+    """What a norm's folded affine was computed from: its parameters, their versions, the slot."""
+    w, b = norm.weight, norm.bias
+    return (id(w), w._version, id(b), b._version, norm._hat_slot(task))
+
+
+def _can_fold(norm: Any, mask: torch.Tensor, task: int) -> bool:
+    w, b = norm.weight, norm.bias
+    return (w is not None and b is not None and task < norm.num_tasks and w.dtype == b.dtype == mask.dtype
+            and w.device == mask.device and w.shape[1:] == mask.shape == b.shape[1:])
 
 
 def group_of(cfg: Any) -> _MaskGroup:

@@ -25,7 +25,7 @@ from torch import nn
 from hat._checks import check_task_id
 from hat.config import HATConfig
 from hat.errors import HATTypeError, HATValueError
-from hat.masks.group import forward_deviation
+from hat.masks.group import forward_deviation, group_of
 from hat.modules._base import HATMasked, TaskModule
 from hat.payload import HATPayload, _along
 from hat.tracking.selection import grouped, is_per_sample
@@ -453,7 +453,8 @@ class _TaskIndexedBatchNorm(_TaskIndexedNorm):
         if isinstance(payload._src, HATMasked) and "_hat_mask_config" not in self.__dict__:
             self.__dict__["_hat_mask_config"] = payload._src.hat_config  # the masks this norm's input went through
         deviation = self._forward_deviation(task, scale, payload._src)
-        y = self._normalize(x, slot, mask, mark=not folded, deviation=deviation)
+        y = self._normalize(x, slot, mask, mark=not folded, deviation=deviation,
+                            fold=(payload._src, task, scale) if isinstance(payload._src, HATMasked) else None)
         y = self._hat_post_forward(y, mask)
         mask = payload._unit_mask if known else None
         return payload._derive(y, mask=None, unit_mask=mask, unit_dim=1, src=payload._src, repeat=payload._repeat)
@@ -479,8 +480,10 @@ class _TaskIndexedBatchNorm(_TaskIndexedNorm):
             return self._hat_post_forward(y, None)
         mask = self._hat_map_mask(sel, mark=True)
         sources = unit_map.sources
+        source = unit_map.identity_of()
         y = self._normalize(x, slot, mask, mark=False,
-                            deviation=self._forward_deviation(task, scale, sources[0] if sources else None))
+                            deviation=self._forward_deviation(task, scale, sources[0] if sources else None),
+                            fold=(source, task, scale) if isinstance(source, HATMasked) else None)
         return self._hat_post_forward(y, mask)
 
     def _hat_payload_per_sample(self, input: HATPayload, task: Any, scale: float | None, known: bool) -> HATPayload:
@@ -584,7 +587,9 @@ class _TaskIndexedBatchNorm(_TaskIndexedNorm):
         return y if mask is None else y * _along(mask, 1, y.dim())
 
     def _normalize(self, x: torch.Tensor, slot: int, mask: torch.Tensor | None, mark: bool = True,
-                   deviation: float | None = None) -> torch.Tensor:
+                   deviation: float | None = None, fold: tuple[Any, int, float | None] | None = None) -> torch.Tensor:
+        """``fold``: (the layer whose mask ``mask`` is, task, scale), where the mask may be folded
+        together with the other norms' of its config (``_MaskGroup.fold``)."""
         self._check_input_dim(x)
         use_batch_stats = self.training or not self.track_running_stats
         factor: float | None = 0.0
@@ -595,7 +600,13 @@ class _TaskIndexedBatchNorm(_TaskIndexedNorm):
             if factor is not None:
                 running_mean, running_var, _ = self._hat_stat_rows(slot)  # views: row `slot` only
         weight = bias = None
-        if self.affine:
+        folded = None
+        if self.affine and mask is not None and not mark and fold is not None and fold[2] is not None:
+            source, task, scale = fold
+            folded = group_of(source.hat_config).fold(self, source, mask, task, scale)
+        if folded is not None:
+            weight, bias = folded
+        elif self.affine:
             weight, bias = rows(self, slot, self.weight, self.bias, mark=mark)
             if mask is not None:
                 weight, bias = weight * mask, bias * mask

@@ -1,0 +1,54 @@
+"""Task-indexed BatchNorms fold the mask of the layer before them into their affine. In an eager
+training forward, the norms of one config do it together, in one ``FoldAffine`` node (a few
+multi-tensor ops for all of them). Its gradients must be those of the per-norm products that a
+forward with per-sample task ids still takes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_per_sample import IDS, _images, _trained
+
+
+def _nodes(loss: torch.Tensor, name: str) -> int:
+    seen, stack, count = set(), [loss.grad_fn], 0
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        count += type(node).__name__ == name
+        stack.extend(n for n, _ in node.next_functions)
+    return count
+
+
+def _grads(model, loss):
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    got = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+    return {n: g for (n, _), g in zip(named, got)}
+
+
+@pytest.mark.parametrize("name", ["payload-cnn-bn", "converted-cnn-bn", "converted-resnet", "hat_resnet18s"])
+def test_the_folded_affines_of_all_norms_take_one_node_with_the_gradients_of_one_product_each(digit_tasks, name):
+    model, run, shape, _ = _trained(name, digit_tasks)
+    reference = copy.deepcopy(model)
+    x = _images(digit_tasks, len(IDS), **shape)
+    y = torch.randint(0, 2, (len(IDS),), generator=torch.Generator().manual_seed(5))
+    model.train()
+    reference.train()
+    loss = F.cross_entropy(run(model, x, 1, 30.0).flatten(1)[:, :2], y)
+    # every sample of task 1 given as a per-sample id: each norm folds its own mask (two products)
+    ids = torch.ones(len(IDS), dtype=torch.long)
+    loss_ref = F.cross_entropy(run(reference, x, ids, 30.0).flatten(1)[:, :2], y)
+    assert _nodes(loss, "FoldAffineBackward") == 1  # every norm of the model, one node
+    assert _nodes(loss_ref, "FoldAffineBackward") == 0
+    torch.testing.assert_close(loss, loss_ref, rtol=0, atol=1e-6)
+    got, want = _grads(model, loss), _grads(reference, loss_ref)
+    for n in got:
+        if want[n] is None:
+            assert got[n] is None or not got[n].any(), n
+        else:
+            torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7, msg=n)

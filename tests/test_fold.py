@@ -52,3 +52,31 @@ def test_the_folded_affines_of_all_norms_take_one_node_with_the_gradients_of_one
             assert got[n] is None or not got[n].any(), n
         else:
             torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+@pytest.mark.parametrize("change", ["double", "data assignment", "load_state_dict"])
+def test_rows_read_without_a_select_follow_a_cast_a_new_storage_and_a_load(digit_tasks, change):
+    """The mask and fold nodes read each task row through a view kept between forwards; a cast,
+    a ``.data`` assignment (new storage) and a load (in place) must reach them."""
+    model, run, shape, _ = _trained("converted-cnn-bn", digit_tasks)
+    x = _images(digit_tasks, len(IDS), **shape)
+    model.train()
+    run(model, x, 1, 30.0)  # the views of this task's rows are kept now
+    fresh = copy.deepcopy(model)  # keeps no views
+    for m in (model, fresh):
+        if change == "double":
+            m.double()
+        elif change == "data assignment":
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.data = p.data * 1.5 + 0.25
+    if change == "load_state_dict":
+        state = {k: v * 1.5 + 0.25 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+        model.load_state_dict(state)
+        fresh.load_state_dict(state)
+    xs = x.double() if change == "double" else x
+    out, ref = run(model, xs, 1, 30.0), run(fresh, xs, 1, 30.0)
+    assert torch.equal(out, ref)
+    got, want = _grads(model, out.sum()), _grads(fresh, ref.sum())
+    for n in got:
+        assert (got[n] is None and want[n] is None) or torch.equal(got[n], want[n]), n

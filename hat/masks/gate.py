@@ -100,12 +100,13 @@ def compensated(grad: torch.Tensor, e: torch.Tensor, z: torch.Tensor, mask: torc
 
 
 class GroupMask(torch.autograd.Function):
-    """The soft masks of one or several layers (one row ``e_i = E_i[t]`` each, one config) in one
-    autograd node: ``flush(sigmoid(s * e_i))`` forward; backward HAT's compensated gradient for
-    each row whose mask got a gradient, and a report of task ``t`` to that layer's step state
-    (``steps``: one ``_StepState`` per row, or empty), in Python: no probe gradient to create
-    and accumulate per layer. The rows are selected outside, by torch's own select, whose
-    backward writes them into each ``E``'s gradient without Python.
+    """The soft masks of one or several layers (row ``t`` of each one's embedding ``E_i``, one
+    config) in one autograd node: ``flush(sigmoid(s * E_i[t]))`` forward; backward HAT's
+    compensated gradient for each row whose mask got a gradient, written into its ``E_i`` by
+    ``select_backward``, and a report of task ``t`` to that layer's step state (``steps``: one
+    ``_StepState`` per row, or empty), in Python: no probe gradient to create and accumulate
+    per layer. ``rows``: the rows ``E_i[t]``, as views without autograd (``_hat_row_view``): no
+    select op per layer.
 
     Its tensors are kept as attributes, not saved tensors, so that the node may run backward
     more than once: the masks are reused by every forward until an embedding changes (gradient
@@ -113,13 +114,14 @@ class GroupMask(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, task: int, scale: float, factor: float, clamp: float, steps: tuple[Any, ...],
-                *rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                rows: list[torch.Tensor], *embeddings: torch.Tensor) -> tuple[torch.Tensor, ...]:
         n = len(rows)
         e = torch.cat(rows) if n > 1 else rows[0]
         z = e * scale
         mask = torch.sigmoid(z)
         ctx.e, ctx.z, ctx.mask = e, z, mask
         ctx.sizes = [r.shape[0] for r in rows]
+        ctx.shapes = [t.shape for t in embeddings]
         ctx.task, ctx.factor, ctx.clamp, ctx.steps = task, factor, clamp, steps
         ctx.set_materialize_grads(False)  # a layer not used by this forward gets no gradient at all
         flushed = flush(mask)
@@ -129,7 +131,7 @@ class GroupMask(torch.autograd.Function):
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[Any, ...]:
         used = [g is not None for g in grads]
         if not any(used):
-            return (None,) * (5 + len(grads))
+            return (None,) * (6 + len(grads))
         e = ctx.e
         if len(grads) > 1:
             grad = torch.cat([g if g is not None else e.new_zeros(size) for g, size in zip(grads, ctx.sizes)])
@@ -140,31 +142,38 @@ class GroupMask(torch.autograd.Function):
         for step, u in zip(ctx.steps, used):
             if u:
                 step.report(ctx.task)
-        return (None,) * 5 + tuple(r if u else None for r, u in zip(split, used))
+        return (None,) * 6 + tuple(torch.ops.aten.select_backward(r, shape, 0, ctx.task) if u else None
+                                   for r, shape, u in zip(split, ctx.shapes, used))
 
 
 class FoldAffine(torch.autograd.Function):
-    """``w_i * m_i`` and ``b_i * m_i`` for every task-indexed BatchNorm that folds the mask of the
-    layer before it into its affine (``w_i``, ``b_i`` its rows of the task, ``m_i`` that layer's
-    mask), in one node: two multi-tensor products forward, three backward, instead of two
-    products, four and a sum per norm (on a GPU, a kernel each).
+    """``W_i[s_i] * m_i`` and ``B_i[s_i] * m_i`` for every task-indexed BatchNorm that folds the
+    mask of the layer before it into its affine (``W_i``, ``B_i`` its per-task parameters, ``s_i``
+    the task's slot, ``m_i`` that layer's mask), in one node: two multi-tensor products forward,
+    three backward and one ``select_backward`` per parameter, instead of a select per parameter
+    forward and two products per norm, then four products and a sum per norm backward (on a GPU,
+    a kernel each). ``rows``: the rows, as views without autograd (``_hat_row_view``).
 
     Its tensors are kept as attributes, not saved tensors, so that the node may run backward
     more than once, as the masks it folds are (see ``GroupMask``)."""
 
     @staticmethod
-    def forward(ctx: Any, n: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        ws, bs, ms = tensors[:n], tensors[n:2 * n], tensors[2 * n:]
-        ctx.ws, ctx.bs, ctx.ms = ws, bs, ms
+    def forward(ctx: Any, slots: tuple[int, ...], rows: tuple[list[torch.Tensor], list[torch.Tensor]],
+                *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        n = len(slots)
+        ws, bs = rows
+        ms = tensors[2 * n:]
+        ctx.slots, ctx.ws, ctx.bs, ctx.ms = slots, ws, bs, ms
+        ctx.shapes = [t.shape for t in tensors[:2 * n]]
         ctx.set_materialize_grads(False)  # a norm not used by this forward gets no gradient at all
         return (*torch._foreach_mul(ws, ms), *torch._foreach_mul(bs, ms))
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[Any, ...]:
-        ws, bs, ms = ctx.ws, ctx.bs, ctx.ms
+        ws, bs, ms, slots, shapes = ctx.ws, ctx.bs, ctx.ms, ctx.slots, ctx.shapes
         n = len(ws)
         used = [i for i in range(n) if grads[i] is not None or grads[n + i] is not None]
-        out: list[Any] = [None] * (1 + 3 * n)
+        out: list[Any] = [None] * (2 + 3 * n)
         if not used:
             return tuple(out)
         gw = [grads[i] if grads[i] is not None else torch.zeros_like(ws[i]) for i in used]
@@ -175,7 +184,9 @@ class FoldAffine(torch.autograd.Function):
         dm = torch._foreach_mul(gw, [ws[i] for i in used])
         torch._foreach_addcmul_(dm, gb, [bs[i] for i in used])
         for k, i in enumerate(used):
-            out[1 + i], out[1 + n + i], out[1 + 2 * n + i] = dw[k], db[k], dm[k]
+            out[2 + i] = torch.ops.aten.select_backward(dw[k], shapes[i], 0, slots[i])
+            out[2 + n + i] = torch.ops.aten.select_backward(db[k], shapes[n + i], 0, slots[i])
+            out[2 + 2 * n + i] = dm[k]
         return tuple(out)
 
 

@@ -122,9 +122,11 @@ class _MaskGroup:
                 if not _can_fold(norm, mask, task):
                     return None
                 chosen.append((norm, i))
-            w = [n.weight[n._hat_slot(task)] for n, _ in chosen]
-            b = [n.bias[n._hat_slot(task)] for n, _ in chosen]
-            out = FoldAffine.apply(len(chosen), *w, *b, *(entry.masks[j] for _, j in chosen))
+            slots = tuple(n._hat_slot(task) for n, _ in chosen)
+            rows = ([n._hat_row_view("weight", s) for (n, _), s in zip(chosen, slots)],
+                    [n._hat_row_view("bias", s) for (n, _), s in zip(chosen, slots)])
+            out = FoldAffine.apply(slots, rows, *(n.weight for n, _ in chosen), *(n.bias for n, _ in chosen),
+                                   *(entry.masks[j] for _, j in chosen))
             for k, (n, _) in enumerate(chosen):
                 entry.folds[id(n)] = (out[k], out[len(chosen) + k], _fold_stamp(n, task))
             got = entry.folds[key]
@@ -163,9 +165,9 @@ class _MaskGroup:
         live = [m for m in (r() for r in refs) if m is not None]
         chosen = [m for m in live if m.hat_config is cfg and task < m.num_tasks and m.task_embedding.requires_grad
                   and m.task_embedding.dtype == dtype and m.task_embedding.device == device]
-        rows = [m.task_embedding[task] for m in chosen]
+        rows = [m._hat_row_view("task_embedding", task) for m in chosen]
         masks = GroupMask.apply(task, scale, cfg.grad_comp_factor, cfg.grad_comp_clamp,
-                                tuple(m._hat_step for m in chosen), *rows)
+                                tuple(m._hat_step for m in chosen), rows, *(m.task_embedding for m in chosen))
         if len(self.entries) >= 8:
             self.entries.clear()
         entry = self.entries[key] = _Entry(chosen, rows, masks)

@@ -242,6 +242,7 @@ class TaskTracked:
         state.pop("_hat_mask_cache", None)
         state.pop("_hat_ddp_checked", None)
         state.pop("_hat_stat_views", None)  # views of its buffers: made anew from the unpickled ones
+        state.pop("_hat_row_views", None)  # and of its parameters
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -295,6 +296,18 @@ class TaskTracked:
     # -- bookkeeping ----------------------------------------------------------------------
     def _hat_slot(self, task_id: int | None) -> int:
         return self.num_tasks if task_id is None else task_id
+
+    def _hat_row_view(self, name: str, slot: int) -> torch.Tensor:
+        """Row ``slot`` of parameter ``name`` as a view without autograd, for nodes that select
+        rows themselves (no select op to dispatch per forward). Kept between calls while the
+        parameter object and its storage stay: a step and a load write in place; a move, a cast
+        or a ``.data`` assignment replaces the storage, and the view is made anew."""
+        p = self._parameters[name]
+        cache = self.__dict__.setdefault("_hat_row_views", {})
+        got = cache.get((name, slot))
+        if got is None or got[1] != id(p) or got[2] != p.data_ptr():
+            got = cache[(name, slot)] = (p.detach()[slot], id(p), p.data_ptr())
+        return got[0]
 
     def _hat_trained_set(self) -> frozenset[int]:
         step = self._hat_step

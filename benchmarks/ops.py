@@ -5,7 +5,9 @@
 
 On a CPU at small batches a step costs about as much in dispatch as in arithmetic, so the count
 of aten operations (forward, backward and optimizer step, counted by a TorchDispatchMode) is
-the overhead that does not shrink with the machine. Networks:
+the overhead that does not shrink with the machine. Views (select, detach, view ...) are
+counted too, and also printed apart: they cost dispatch on the host but launch no GPU kernel.
+Networks:
 
 - ``cnn``: the CNN of benchmarks/overhead.py (three conv-BN-ReLU-pool blocks, two linear layers)
   built plain and turned into a HAT model with ``hat.convert``;
@@ -59,10 +61,12 @@ class OpCounter(TorchDispatchMode):
         self.counts: dict[str, collections.Counter[str]] = {p: collections.Counter() for p in PHASES}
         self.where = where
         self.sites: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        self.views = 0  # ops that return a view of their input (no kernel on a GPU)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         name = str(func.overloadpacket)
         self.counts[self.phase][name] += 1
+        self.views += func.is_view
         if self.where:
             self.sites[(name, self.phase, _hat_site())] += 1
         return func(*args, **(kwargs or {}))
@@ -194,6 +198,9 @@ def report(network: str, fused: bool, hat_c: OpCounter, plain_c: OpCounter, agai
     phases = ", ".join(f"{ph} {sum(hat_c.counts[ph].values())} vs {sum(plain_c.counts[ph].values())}"
                        for ph in PHASES)
     print(f"   per phase (HAT vs plain): {phases}")
+    kh, kp = nh - hat_c.views, np_ - plain_c.views
+    print(f"   of which views (select, detach ...: no kernel on a GPU): HAT {hat_c.views}, plain {plain_c.views}; "
+          f"other ops HAT {kh}, plain {kp}, ratio {kh / kp:.2f}x")
     steady = "steady" if all(a == nh for a in again) else "NOT steady"
     print(f"   HAT totals of two more counted steps: {', '.join(map(str, again))} ({steady})")
     diff = sorted(set(h) | set(p), key=lambda k: (-(h[k] - p[k]), k))[:top]

@@ -80,3 +80,22 @@ def test_rows_read_without_a_select_follow_a_cast_a_new_storage_and_a_load(digit
     got, want = _grads(model, out.sum()), _grads(fresh, ref.sum())
     for n in got:
         assert (got[n] is None and want[n] is None) or torch.equal(got[n], want[n]), n
+
+
+def test_row_gradients_equal_select_backward_for_every_parameter():
+    """The gradients the mask and fold nodes give task-indexed parameters: zero but for the row
+    of the task, as torch's select_backward makes them, from one shared buffer."""
+    from hat.masks.gate import row_gradients
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [torch.Size((4, 3)), torch.Size((6, 5)), torch.Size((4, 3)), torch.Size((3, 2, 2)), torch.Size((5, 7))]
+    slots = [1, 5, 0, 2, 4]
+    rows = [torch.randn(s[1:], generator=g) for s in shapes]
+    rows[2] = None  # a parameter whose row got no gradient gets none
+    got = row_gradients(rows, shapes, slots)
+    for r, shape, slot, out in zip(rows, shapes, slots, got):
+        if r is None:
+            assert out is None
+        else:
+            assert out.shape == shape and out.is_contiguous()
+            assert torch.equal(out, torch.ops.aten.select_backward(r, shape, 0, slot))

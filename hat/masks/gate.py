@@ -102,8 +102,8 @@ def compensated(grad: torch.Tensor, e: torch.Tensor, z: torch.Tensor, mask: torc
 class GroupMask(torch.autograd.Function):
     """The soft masks of one or several layers (row ``t`` of each one's embedding ``E_i``, one
     config) in one autograd node: ``flush(sigmoid(s * E_i[t]))`` forward; backward HAT's
-    compensated gradient for each row whose mask got a gradient, written into its ``E_i`` by
-    ``select_backward``, and a report of task ``t`` to that layer's step state (``steps``: one
+    compensated gradient for each row whose mask got a gradient, written into its ``E_i``'s
+    gradient (``row_gradients``), and a report of task ``t`` to that layer's step state (``steps``: one
     ``_StepState`` per row, or empty), in Python: no probe gradient to create and accumulate
     per layer. ``rows``: the rows ``E_i[t]``, as views without autograd (``_hat_row_view``): no
     select op per layer.
@@ -142,17 +142,18 @@ class GroupMask(torch.autograd.Function):
         for step, u in zip(ctx.steps, used):
             if u:
                 step.report(ctx.task)
-        return (None,) * 6 + tuple(torch.ops.aten.select_backward(r, shape, 0, ctx.task) if u else None
-                                   for r, shape, u in zip(split, ctx.shapes, used))
+        return (None,) * 6 + tuple(row_gradients([r if u else None for r, u in zip(split, used)], ctx.shapes,
+                                                 [ctx.task] * len(used)))
 
 
 class FoldAffine(torch.autograd.Function):
     """``W_i[s_i] * m_i`` and ``B_i[s_i] * m_i`` for every task-indexed BatchNorm that folds the
     mask of the layer before it into its affine (``W_i``, ``B_i`` its per-task parameters, ``s_i``
-    the task's slot, ``m_i`` that layer's mask), in one node: two multi-tensor products forward,
-    three backward and one ``select_backward`` per parameter, instead of a select per parameter
-    forward and two products per norm, then four products and a sum per norm backward (on a GPU,
-    a kernel each). ``rows``: the rows, as views without autograd (``_hat_row_view``).
+    the task's slot, ``m_i`` that layer's mask), in one node: two multi-tensor products forward;
+    backward three, and one buffer for the gradients of all parameters (``row_gradients``).
+    Per norm that replaces two selects and two products forward, and four products, a sum and
+    two ``select_backward`` backward (on a GPU, a kernel or two each). ``rows``: the rows, as
+    views without autograd (``_hat_row_view``).
 
     Its tensors are kept as attributes, not saved tensors, so that the node may run backward
     more than once, as the masks it folds are (see ``GroupMask``)."""
@@ -183,11 +184,43 @@ class FoldAffine(torch.autograd.Function):
         db = torch._foreach_mul(gb, m)
         dm = torch._foreach_mul(gw, [ws[i] for i in used])
         torch._foreach_addcmul_(dm, gb, [bs[i] for i in used])
+        full = row_gradients([*dw, *db], [shapes[i] for i in used] + [shapes[n + i] for i in used],
+                             [slots[i] for i in used] * 2)
         for k, i in enumerate(used):
-            out[2 + i] = torch.ops.aten.select_backward(dw[k], shapes[i], 0, slots[i])
-            out[2 + n + i] = torch.ops.aten.select_backward(db[k], shapes[n + i], 0, slots[i])
-            out[2 + 2 * n + i] = dm[k]
+            out[2 + i], out[2 + n + i], out[2 + 2 * n + i] = full[k], full[len(used) + k], dm[k]
         return tuple(out)
+
+
+def row_gradients(rows: list[torch.Tensor | None], shapes: list[torch.Size], slots: list[int],
+                  ) -> list[torch.Tensor | None]:
+    """The gradients of task-indexed parameters of ``shapes`` whose row ``slots[i]`` got the
+    gradient ``rows[i]`` (None: none): zero but for that row. Views of one zeroed buffer, written
+    with one ``index_copy_``: ``select_backward`` per parameter would take a zero fill and a copy
+    each (two kernels per parameter on a GPU)."""
+    used = [i for i, r in enumerate(rows) if r is not None]
+    out: list[torch.Tensor | None] = [None] * len(rows)
+    if len(used) < 2:
+        for i in used:
+            out[i] = torch.ops.aten.select_backward(rows[i], shapes[i], 0, slots[i])
+        return out
+    ref = rows[used[0]]
+    key = (tuple(shapes[i] for i in used), tuple(slots[i] for i in used), ref.device)
+    index = RUNTIME.row_indices.get(key)
+    if index is None:
+        if len(RUNTIME.row_indices) >= 64:
+            RUNTIME.row_indices.clear()
+        parts, offset = [], 0
+        for i in used:
+            width = shapes[i][1:].numel()
+            parts.append(torch.arange(offset + slots[i] * width, offset + (slots[i] + 1) * width))
+            offset += shapes[i].numel()
+        index = RUNTIME.row_indices[key] = torch.cat(parts).to(ref.device)
+    sizes = [shapes[i].numel() for i in used]
+    buf = ref.new_zeros(sum(sizes))
+    buf.index_copy_(0, index, torch.cat([rows[i] if rows[i].dim() == 1 else rows[i].flatten() for i in used]))
+    for i, part in zip(used, buf.split(sizes)):
+        out[i] = part.view(shapes[i])
+    return out
 
 
 def one_hot(n: int, slot: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

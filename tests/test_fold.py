@@ -99,3 +99,18 @@ def test_row_gradients_equal_select_backward_for_every_parameter():
         else:
             assert out.shape == shape and out.is_contiguous()
             assert torch.equal(out, torch.ops.aten.select_backward(r, shape, 0, slot))
+
+
+def test_a_norm_parameter_changed_in_place_before_the_backward_is_an_error_as_in_autograd(digit_tasks):
+    model, run, shape, _ = _trained("converted-cnn-bn", digit_tasks)
+    x = _images(digit_tasks, len(IDS), **shape)
+    model.train()
+    out = run(model, x, 1, 30.0)
+    norm = next(m for m in model.modules() if hasattr(m, "running_mean"))
+    with torch.no_grad():
+        norm.weight.mul_(2)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        out.sum().backward()
+    out = run(model, x, 1, 30.0)  # a new forward reads the new values
+    out.sum().backward()
+    assert norm.weight.grad is not None and norm.weight.grad[1].any()

@@ -165,6 +165,7 @@ class FoldAffine(torch.autograd.Function):
         ws, bs = rows
         ms = tensors[2 * n:]
         ctx.slots, ctx.ws, ctx.bs, ctx.ms = slots, ws, bs, ms
+        ctx.versions = [(w._version, b._version) for w, b in zip(ws, bs)]  # rows: the parameters' own storage
         ctx.shapes = [t.shape for t in tensors[:2 * n]]
         ctx.set_materialize_grads(False)  # a norm not used by this forward gets no gradient at all
         return (*torch._foreach_mul(ws, ms), *torch._foreach_mul(bs, ms))
@@ -177,6 +178,9 @@ class FoldAffine(torch.autograd.Function):
         out: list[Any] = [None] * (2 + 3 * n)
         if not used:
             return tuple(out)
+        if any((ws[i]._version, bs[i]._version) != ctx.versions[i] for i in used):  # as autograd says of saved tensors
+            raise RuntimeError("hat: a task-indexed BatchNorm's weight or bias was modified in place between the "
+                               "forward and this backward; run the forward again after changing it")
         gw = [grads[i] if grads[i] is not None else torch.zeros_like(ws[i]) for i in used]
         gb = [grads[n + i] if grads[n + i] is not None else torch.zeros_like(bs[i]) for i in used]
         m = [ms[i] for i in used]

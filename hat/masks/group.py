@@ -107,7 +107,7 @@ class _MaskGroup:
             followers = self.followers
             self.followers[key] = (weakref.ref(norm, lambda _r, _k=key: followers.pop(_k, None)), weakref.ref(source))
         got = entry.folds.get(key)
-        if got is None or got[2] != _fold_stamp(norm, task):
+        if got is None or got[2] != _fold_stamp(norm):
             if entry.folded:
                 chosen = [(norm, i)]
             else:
@@ -122,13 +122,13 @@ class _MaskGroup:
                 if not _can_fold(norm, mask, task):
                     return None
                 chosen.append((norm, i))
-            slots = tuple(n._hat_slot(task) for n, _ in chosen)
-            rows = ([n._hat_row_view("weight", s) for (n, _), s in zip(chosen, slots)],
-                    [n._hat_row_view("bias", s) for (n, _), s in zip(chosen, slots)])
+            slots = (task,) * len(chosen)  # a task's own slot (``_can_fold``: task < num_tasks)
+            rows = ([n._hat_row_view("weight", task) for n, _ in chosen],
+                    [n._hat_row_view("bias", task) for n, _ in chosen])
             out = FoldAffine.apply(slots, rows, *(n.weight for n, _ in chosen), *(n.bias for n, _ in chosen),
                                    *(entry.masks[j] for _, j in chosen))
             for k, (n, _) in enumerate(chosen):
-                entry.folds[id(n)] = (out[k], out[len(chosen) + k], _fold_stamp(n, task))
+                entry.folds[id(n)] = (out[k], out[len(chosen) + k], _fold_stamp(n))
             got = entry.folds[key]
         return got[0], got[1]
 
@@ -174,10 +174,11 @@ class _MaskGroup:
         return entry
 
 
-def _fold_stamp(norm: Any, task: int) -> tuple[Any, ...]:
-    """What a norm's folded affine was computed from: its parameters, their versions, the slot."""
+def _fold_stamp(norm: Any) -> tuple[Any, ...]:
+    """What a norm's folded affine was computed from: its parameters and their versions (the
+    task is the entry's)."""
     w, b = norm.weight, norm.bias
-    return (id(w), w._version, id(b), b._version, norm._hat_slot(task))
+    return (id(w), w._version, id(b), b._version)
 
 
 def _can_fold(norm: Any, mask: torch.Tensor, task: int) -> bool:

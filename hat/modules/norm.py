@@ -386,21 +386,13 @@ class _TaskIndexedBatchNorm(_TaskIndexedNorm):
         self._hat_near_hard.clear()
 
     def _hat_stat_rows(self, slot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Row ``slot`` of running_mean, running_var and num_batches_tracked, as views. Kept
-        between forwards in eager mode (three selects per layer and step saved: views of buffers
-        carry no autograd, and writes through them reach the buffers), made anew when a buffer
-        object or its storage was replaced (a move, a cast, a ``.data`` assignment)."""
-        buffers = self._buffers
-        mean, var, count = buffers["running_mean"], buffers["running_var"], buffers["num_batches_tracked"]
+        """Row ``slot`` of running_mean, running_var and num_batches_tracked, as views kept
+        between forwards in eager mode (``_hat_row_view``: three selects per layer and step saved;
+        writes through them reach the buffers)."""
+        names = ("running_mean", "running_var", "num_batches_tracked")
         if torch.compiler.is_compiling():
-            return mean[slot], var[slot], count[slot]
-        cache = self.__dict__.setdefault("_hat_stat_views", {})
-        got = cache.get(slot)
-        if (got is None or got[0]._base is not mean or got[1]._base is not var or got[2]._base is not count
-                or got[3] != (mean.data_ptr(), var.data_ptr(), count.data_ptr())):
-            got = cache[slot] = (mean[slot], var[slot], count[slot], (mean.data_ptr(), var.data_ptr(),
-                                                                      count.data_ptr()))
-        return got[:3]  # type: ignore[return-value]
+            return tuple(self._buffers[n][slot] for n in names)  # type: ignore[return-value]
+        return tuple(self._hat_row_view(n, slot) for n in names)  # type: ignore[return-value]
 
     def _stats_factor(self, slot: int, deviation: float | None, batch: int) -> float | None:
         """The weight of this training batch (``batch`` samples) in the running statistics of

@@ -241,8 +241,7 @@ class TaskTracked:
         state.pop("_hat_step", None)
         state.pop("_hat_mask_cache", None)
         state.pop("_hat_ddp_checked", None)
-        state.pop("_hat_stat_views", None)  # views of its buffers: made anew from the unpickled ones
-        state.pop("_hat_row_views", None)  # and of its parameters
+        state.pop("_hat_row_views", None)  # views of its tensors: made anew from the unpickled ones
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -298,11 +297,12 @@ class TaskTracked:
         return self.num_tasks if task_id is None else task_id
 
     def _hat_row_view(self, name: str, slot: int) -> torch.Tensor:
-        """Row ``slot`` of parameter ``name`` as a view without autograd, for nodes that select
-        rows themselves (no select op to dispatch per forward). Kept between calls while the
-        parameter object and its storage stay: a step and a load write in place; a move, a cast
-        or a ``.data`` assignment replaces the storage, and the view is made anew."""
-        p = self._parameters[name]
+        """Row ``slot`` of parameter or buffer ``name`` as a view without autograd (writes through
+        it reach the tensor), for code that would otherwise dispatch a select per forward. Kept
+        between calls while the tensor object and its storage stay: a step and a load write in
+        place; a move, a cast or a ``.data`` assignment replaces the storage, and the view is
+        made anew."""
+        p = self._parameters[name] if name in self._parameters else self._buffers[name]
         cache = self.__dict__.setdefault("_hat_row_views", {})
         got = cache.get((name, slot))
         if got is None or got[1] != id(p) or got[2] != p.data_ptr():

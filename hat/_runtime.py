@@ -38,6 +38,8 @@ class Runtime:
         self.one_hots: dict[tuple[Any, ...], Any] = {}  # (n, slot, dtype, device) -> one-hot tensor
         # (shapes, slots, device) -> where the rows of task-indexed parameters sit in one flat buffer
         self.row_indices: dict[tuple[Any, ...], Any] = {}
+        # (units, dtype, device) -> the weights of the excess-deviation dot product (hat.masks.group)
+        self.deviation_weights: dict[tuple[Any, ...], Any] = {}
         self.plans: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()  # optimizer -> plan
         self.pending: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()  # optimizer -> step
         self.buffers: weakref.WeakKeyDictionary[Any, dict[int, Any]] = weakref.WeakKeyDictionary()  # snapshots

@@ -88,17 +88,20 @@ def test_row_gradients_equal_select_backward_for_every_parameter():
     from hat.masks.gate import row_gradients
 
     g = torch.Generator().manual_seed(0)
-    shapes = [torch.Size((4, 3)), torch.Size((6, 5)), torch.Size((4, 3)), torch.Size((3, 2, 2)), torch.Size((5, 7))]
-    slots = [1, 5, 0, 2, 4]
+    # parameters of one shape share a part of the buffer (one unbind), in any order among others
+    shapes = [torch.Size((4, 3)), torch.Size((6, 5)), torch.Size((4, 3)), torch.Size((3, 2, 2)), torch.Size((5, 7)),
+              torch.Size((4, 3)), torch.Size((6, 5))]
+    slots = [1, 5, 0, 2, 4, 3, 0]
     rows = [torch.randn(s[1:], generator=g) for s in shapes]
-    rows[2] = None  # a parameter whose row got no gradient gets none
-    got = row_gradients(rows, shapes, slots)
-    for r, shape, slot, out in zip(rows, shapes, slots, got):
-        if r is None:
-            assert out is None
-        else:
-            assert out.shape == shape and out.is_contiguous()
-            assert torch.equal(out, torch.ops.aten.select_backward(r, shape, 0, slot))
+    for given in (rows, [None if i == 2 else r for i, r in enumerate(rows)],  # None: a row that got no gradient
+                  torch.cat([r.flatten() for r in rows])):  # or every row, concatenated
+        got = row_gradients(given, shapes, slots)
+        for i, (r, shape, slot, out) in enumerate(zip(rows, shapes, slots, got)):
+            if isinstance(given, list) and given[i] is None:
+                assert out is None
+            else:
+                assert out.shape == shape and out.is_contiguous()
+                assert torch.equal(out, torch.ops.aten.select_backward(r, shape, 0, slot)), i
 
 
 def test_a_norm_parameter_changed_in_place_before_the_backward_is_an_error_as_in_autograd(digit_tasks):

@@ -113,6 +113,38 @@ def test_a_near_hard_batch_replaces_the_row_and_a_soft_one_after_it_leaves_it(di
     assert torch.equal(bn.running_mean[1], torch.zeros(8))  # the other task's row is untouched
 
 
+@pytest.mark.parametrize("scale", [0.01, 1.0, 7.5, 100.0, 400.0])
+def test_the_deviation_a_training_forward_reports_is_the_masks_distance_from_hard_beyond_s_max(digit_tasks, scale):
+    """``forward_deviation``: the mean over every unit of ``min(m, 1 - m)`` of the masks the layers
+    took, minus the same at ``max_trn_mask_scale``; exactly 0 from there on."""
+    from hat.masks.gate import flush
+    from hat.masks.group import forward_deviation
+
+    torch.manual_seed(0)
+    cfg = HATConfig(num_tasks=2)
+    model = _conv_bn(cfg)
+    x, y = digit_tasks[0][0][:32], digit_tasks[0][1][:32]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    for s in (1.0, 50.0, 100.0):  # embeddings away from their initial values, some units on and some off
+        _step(model, optimizer, x, y, 0, s)
+    model.train()
+    hat.set_task(model, 0, mask_scale=scale)
+    model(x)
+    got = forward_deviation(cfg, 0, scale)
+    layers = [m for m in model.modules() if hasattr(m, "task_embedding")]
+    e = torch.cat([m.task_embedding[0].detach() for m in layers])
+
+    def far(k):
+        m = flush(torch.sigmoid(k * e))
+        return torch.minimum(m, 1 - m).mean().item()
+
+    want = far(scale) - far(max(scale, cfg.max_trn_mask_scale))
+    if scale >= cfg.max_trn_mask_scale:
+        assert got == 0.0
+    else:
+        assert want > 1e-3 and abs(got - want) <= 2e-6, (got, want)
+
+
 def test_soft_batches_count_by_torchs_rule_until_a_near_hard_one_comes(digit_tasks):
     torch.manual_seed(0)
     model = _conv_bn(HATConfig(num_tasks=2))

@@ -105,8 +105,8 @@ class GroupMask(torch.autograd.Function):
     compensated gradient for each row whose mask got a gradient, written into its ``E_i``'s
     gradient (``row_gradients``), and a report of task ``t`` to that layer's step state (``steps``: one
     ``_StepState`` per row, or empty), in Python: no probe gradient to create and accumulate
-    per layer. ``rows``: the rows ``E_i[t]``, as views without autograd (``_hat_row_view``): no
-    select op per layer.
+    per layer. ``e``: the rows ``E_i[t]`` concatenated, from views without autograd
+    (``_hat_row_view``: no select op per layer), ``sizes`` their lengths; ``z = scale * e``.
 
     Its tensors are kept as attributes, not saved tensors, so that the node may run backward
     more than once: the masks are reused by every forward until an embedding changes (gradient
@@ -114,35 +114,35 @@ class GroupMask(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, task: int, scale: float, factor: float, clamp: float, steps: tuple[Any, ...],
-                rows: list[torch.Tensor], *embeddings: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        n = len(rows)
-        e = torch.cat(rows) if n > 1 else rows[0]
-        z = e * scale
+                e: torch.Tensor, z: torch.Tensor, sizes: list[int], *embeddings: torch.Tensor,
+                ) -> tuple[torch.Tensor, ...]:
         mask = torch.sigmoid(z)
         ctx.e, ctx.z, ctx.mask = e, z, mask
-        ctx.sizes = [r.shape[0] for r in rows]
+        ctx.sizes = sizes
         ctx.shapes = [t.shape for t in embeddings]
         ctx.task, ctx.factor, ctx.clamp, ctx.steps = task, factor, clamp, steps
         ctx.set_materialize_grads(False)  # a layer not used by this forward gets no gradient at all
         flushed = flush(mask)
-        return tuple(flushed.split(ctx.sizes)) if n > 1 else (flushed,)
+        return tuple(flushed.split(sizes)) if len(sizes) > 1 else (flushed,)
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[Any, ...]:
         used = [g is not None for g in grads]
         if not any(used):
-            return (None,) * (6 + len(grads))
+            return (None,) * (8 + len(grads))
         e = ctx.e
         if len(grads) > 1:
             grad = torch.cat([g if g is not None else e.new_zeros(size) for g, size in zip(grads, ctx.sizes)])
         else:
             grad = grads[0]
         rows = compensated(grad, e, ctx.z, ctx.mask, ctx.factor, ctx.clamp)
-        split = rows.split(ctx.sizes) if len(grads) > 1 else (rows,)
         for step, u in zip(ctx.steps, used):
             if u:
                 step.report(ctx.task)
-        return (None,) * 6 + tuple(row_gradients([r if u else None for r, u in zip(split, used)], ctx.shapes,
+        if all(used):  # the rows as they are, concatenated: no split and cat again
+            return (None,) * 8 + tuple(row_gradients(rows, ctx.shapes, [ctx.task] * len(used)))
+        split = rows.split(ctx.sizes)
+        return (None,) * 8 + tuple(row_gradients([r if u else None for r, u in zip(split, used)], ctx.shapes,
                                                  [ctx.task] * len(used)))
 
 
@@ -195,36 +195,70 @@ class FoldAffine(torch.autograd.Function):
         return tuple(out)
 
 
-def row_gradients(rows: list[torch.Tensor | None], shapes: list[torch.Size], slots: list[int],
+def row_gradients(rows: list[torch.Tensor | None] | torch.Tensor, shapes: list[torch.Size], slots: list[int],
                   ) -> list[torch.Tensor | None]:
     """The gradients of task-indexed parameters of ``shapes`` whose row ``slots[i]`` got the
-    gradient ``rows[i]`` (None: none): zero but for that row. Views of one zeroed buffer, written
-    with one ``index_copy_``: ``select_backward`` per parameter would take a zero fill and a copy
-    each (two kernels per parameter on a GPU)."""
-    used = [i for i, r in enumerate(rows) if r is not None]
-    out: list[torch.Tensor | None] = [None] * len(rows)
+    gradient ``rows[i]`` (None: none): zero but for that row. ``rows`` may also be one tensor,
+    every row concatenated (all used).
+
+    Pieces of one zeroed buffer, written with one ``index_copy_``: ``select_backward`` per
+    parameter would take a zero fill and a copy each (two kernels per parameter on a GPU). The
+    buffer holds the parameters of one shape side by side, so that one ``unbind`` gives all their
+    gradients: two view ops per shape rather than one per parameter (a ResNet has a few widths
+    and dozens of such parameters)."""
+    if isinstance(rows, torch.Tensor):
+        used, flat = list(range(len(shapes))), rows
+    else:
+        used = [i for i, r in enumerate(rows) if r is not None]
+        flat = None
+    out: list[torch.Tensor | None] = [None] * len(shapes)
     if len(used) < 2:
         for i in used:
-            out[i] = torch.ops.aten.select_backward(rows[i], shapes[i], 0, slots[i])
+            row = rows[i] if flat is None else flat.view(shapes[i][1:])
+            out[i] = torch.ops.aten.select_backward(row, shapes[i], 0, slots[i])
         return out
-    ref = rows[used[0]]
+    ref = flat if flat is not None else rows[used[0]]
     key = (tuple(shapes[i] for i in used), tuple(slots[i] for i in used), ref.device)
-    index = RUNTIME.row_indices.get(key)
-    if index is None:
+    plan = RUNTIME.row_indices.get(key)
+    if plan is None:
         if len(RUNTIME.row_indices) >= 64:
             RUNTIME.row_indices.clear()
-        parts, offset = [], 0
-        for i in used:
-            width = shapes[i][1:].numel()
-            parts.append(torch.arange(offset + slots[i] * width, offset + (slots[i] + 1) * width))
-            offset += shapes[i].numel()
-        index = RUNTIME.row_indices[key] = torch.cat(parts).to(ref.device)
-    sizes = [shapes[i].numel() for i in used]
-    buf = ref.new_zeros(sum(sizes))
-    buf.index_copy_(0, index, torch.cat([rows[i] if rows[i].dim() == 1 else rows[i].flatten() for i in used]))
-    for i, part in zip(used, buf.split(sizes)):
-        out[i] = part.view(shapes[i])
+        plan = RUNTIME.row_indices[key] = _row_plan([shapes[i] for i in used], [slots[i] for i in used], ref.device)
+    index, total, groups = plan
+    if flat is None:
+        flat = torch.cat([rows[i] if rows[i].dim() == 1 else rows[i].flatten() for i in used])
+    buf = ref.new_zeros(total)
+    buf.index_copy_(0, index, flat)
+    pieces = buf.split([size for size, _, _ in groups]) if len(groups) > 1 else (buf,)
+    for piece, (_, shape, members) in zip(pieces, groups):
+        if len(members) == 1:
+            out[used[members[0]]] = piece.view(shape)
+        else:
+            for k, grad in zip(members, piece.view(len(members), *shape).unbind(0)):
+                out[used[k]] = grad
     return out
+
+
+def _row_plan(shapes: list[torch.Size], slots: list[int], device: torch.device,
+              ) -> tuple[torch.Tensor, int, list[tuple[int, torch.Size, list[int]]]]:
+    """Where ``row_gradients`` puts each row: (the index of every element of the concatenated
+    rows in the buffer, the buffer's size, per shape (its part's size, the shape, the positions
+    of its parameters in ``shapes``)), the parameters of one shape side by side."""
+    by_shape: dict[torch.Size, list[int]] = {}
+    for i, shape in enumerate(shapes):
+        by_shape.setdefault(shape, []).append(i)
+    start: dict[int, int] = {}
+    groups, offset = [], 0
+    for shape, members in by_shape.items():
+        for k in members:
+            start[k] = offset
+            offset += shape.numel()
+        groups.append((shape.numel() * len(members), shape, members))
+    parts = []
+    for i, (shape, slot) in enumerate(zip(shapes, slots)):
+        width = shape[1:].numel()
+        parts.append(torch.arange(start[i] + slot * width, start[i] + (slot + 1) * width))
+    return torch.cat(parts).to(device), offset, groups
 
 
 def one_hot(n: int, slot: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from hat._runtime import RUNTIME
-from hat.masks.gate import FoldAffine, GroupMask, flush
+from hat.masks.gate import FoldAffine, GroupMask
 
 __all__ = ["forward_deviation", "group_of"]
 
@@ -22,15 +22,15 @@ __all__ = ["forward_deviation", "group_of"]
 class _Entry:
     """The masks of one (task, scale) of a group, with what they were computed from."""
 
-    __slots__ = ("deviation", "embeddings", "folded", "folds", "index", "masks", "rows", "served", "stamps", "step")
+    __slots__ = ("deviation", "embeddings", "folded", "folds", "index", "masks", "served", "stamps", "step", "z")
 
-    def __init__(self, chosen: list[Any], rows: list[torch.Tensor], masks: tuple[torch.Tensor, ...]) -> None:
+    def __init__(self, chosen: list[Any], z: torch.Tensor, masks: tuple[torch.Tensor, ...]) -> None:
         self.index = {id(m): i for i, m in enumerate(chosen)}  # position by id(module)
         self.embeddings = [m.task_embedding for m in chosen]
         self.stamps = [(e._version, e.data_ptr()) for e in self.embeddings]
         self.step = RUNTIME.steps  # an optimizer step since makes these masks stale
         self.masks = masks
-        self.rows = rows  # the embedding rows the masks came from (read again by excess_deviation)
+        self.z = z  # scale times the embedding rows the masks came from, concatenated (excess_deviation)
         self.served: set[int] = set()  # positions whose layer took its mask in a forward
         self.deviation: float | None = None
         # BatchNorm affines with a layer's mask folded in, by id(norm): (weight, bias, what they
@@ -44,13 +44,28 @@ class _Entry:
         layer of ``|mask - hard mask|`` (for the sigmoid ``min(m, 1 - m)``) at ``scale``, minus
         the same at ``max(scale, s_max)``. A unit whose embedding is near 0 is undecided at every
         scale; it does not count against a batch. Computed once per entry: one device read per
-        training step."""
+        training step below ``s_max``, none from it on (the masks are the ones at ``s_max``: 0).
+
+        For a sigmoid mask ``m = sigmoid(z)``, ``min(m, 1 - m) = 1 - sigmoid(|z|)``, so the excess
+        is ``mean(sigmoid(k |z|)) - mean(sigmoid(|z|))`` with ``k = s_max / scale``: one dot
+        product of both halves with weights -1/n and 1/n (a few ops: this runs every step). Units
+        that the forward flushed to 0 (``m <= 1e-6``) count with their ``m``: at most 1e-6 more."""
         if self.deviation is None:
+            if scale >= s_max:
+                self.deviation = 0.0
+                return 0.0
             with torch.no_grad():
-                m = torch.cat(self.masks) if len(self.masks) > 1 else self.masks[0]
-                e = torch.cat(self.rows) if len(self.rows) > 1 else self.rows[0]
-                ref = flush(torch.sigmoid(e * max(scale, s_max)))
-                self.deviation = float(torch.minimum(m, 1 - m).mean() - torch.minimum(ref, 1 - ref).mean())
+                u = self.z.abs()
+                far = u * (s_max / scale)  # scale > 0: mask scales are positive (hat._checks)
+                n = u.shape[0]
+                cache = RUNTIME.deviation_weights
+                key = (n, u.dtype, u.device)
+                w = cache.get(key)
+                if w is None:
+                    if len(cache) >= 16:
+                        cache.clear()
+                    w = cache[key] = torch.cat([u.new_full((n,), -1.0 / n), u.new_full((n,), 1.0 / n)])
+                self.deviation = float(torch.dot(torch.sigmoid(torch.cat([u, far])), w))
         return self.deviation
 
     def get(self, module: Any) -> int | None:
@@ -166,11 +181,14 @@ class _MaskGroup:
         chosen = [m for m in live if m.hat_config is cfg and task < m.num_tasks and m.task_embedding.requires_grad
                   and m.task_embedding.dtype == dtype and m.task_embedding.device == device]
         rows = [m._hat_row_view("task_embedding", task) for m in chosen]
+        e = torch.cat(rows) if len(rows) > 1 else rows[0]
+        z = e * scale
         masks = GroupMask.apply(task, scale, cfg.grad_comp_factor, cfg.grad_comp_clamp,
-                                tuple(m._hat_step for m in chosen), rows, *(m.task_embedding for m in chosen))
+                                tuple(m._hat_step for m in chosen), e, z, [r.shape[0] for r in rows],
+                                *(m.task_embedding for m in chosen))
         if len(self.entries) >= 8:
             self.entries.clear()
-        entry = self.entries[key] = _Entry(chosen, rows, masks)
+        entry = self.entries[key] = _Entry(chosen, z, masks)
         return entry
 
 

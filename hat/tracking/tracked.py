@@ -108,6 +108,22 @@ class _Probe(torch.autograd.Function):
         return grad, hot, None
 
 
+class _Report(torch.autograd.Function):
+    """Identity on ``x``; its backward reports ``slot`` to a module's step state in Python, as the
+    group mask node does: no probe gradient to make, accumulate (a copy: the one-hot is shared)
+    and read at the step. Eager code with an int slot only; ``_Probe`` serves the rest."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, step: Any, slot: int) -> torch.Tensor:
+        ctx.step, ctx.slot = step, slot
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        ctx.step.report(ctx.slot)
+        return grad, None, None
+
+
 def rows(module: Any, slot: Any, *params: torch.Tensor | None, mark: bool = True) -> tuple[Any, ...]:
     """The rows ``slot`` of task-indexed ``params`` (None stays None), reporting ``slot`` to the
     module's probe when grad is on (through the first row: every task-indexed layer uses it).
@@ -215,10 +231,15 @@ class TaskTracked:
         return out
 
     def _hat_mark(self, x: torch.Tensor, slot: Any) -> torch.Tensor:
-        """Pass ``x`` through this module's probe so that a backward reports ``slot``."""
-        if torch.is_grad_enabled():
-            return _Probe.apply(x, self._hat_probe, slot)
-        return x
+        """Pass ``x`` through a node whose backward reports ``slot``: in eager code with an int
+        slot and an ``x`` that requires grad, a report in Python to this module's step state
+        (``_Report``); else (tensor slots, compiled code, a mask of frozen embeddings) this
+        module's probe, whose own gradient puts the node in the graph."""
+        if not torch.is_grad_enabled():
+            return x
+        if isinstance(slot, int) and x.requires_grad and not torch.compiler.is_compiling():
+            return _Report.apply(x, self._hat_step, slot)  # (an input without grad: no backward reaches it)
+        return _Probe.apply(x, self._hat_probe, slot)
 
     def _hat_plain_copy(self, task_id: int | None) -> nn.Module:
         """A shallow copy of class ``self._hat_base`` (the class before conversion) without HAT's

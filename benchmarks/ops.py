@@ -211,7 +211,7 @@ def report(network: str, fused: bool, hat_c: OpCounter, plain_c: OpCounter, agai
         print(f"   {k:34s} {h[k]:5d} {p[k]:5d} {h[k] - p[k]:5d}   {per}")
     if where:
         print("   where the HAT step issued the top ops (op, phase, innermost hat/ line: count):")
-        for k in diff[:8]:
+        for k in diff[:max(8, top // 2)]:
             sites = [(s, n) for s, n in hat_c.sites.items() if s[0] == k]
             for (op, ph, site), n in sorted(sites, key=lambda t: -t[1])[:6]:
                 print(f"     {op:26s} {ph:8s} {site}: {n}")

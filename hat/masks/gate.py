@@ -149,8 +149,9 @@ class GroupMask(torch.autograd.Function):
 class FoldAffine(torch.autograd.Function):
     """``W_i[s_i] * m_i`` and ``B_i[s_i] * m_i`` for every task-indexed BatchNorm that folds the
     mask of the layer before it into its affine (``W_i``, ``B_i`` its per-task parameters, ``s_i``
-    the task's slot, ``m_i`` that layer's mask), in one node: two multi-tensor products forward;
-    backward three, and one buffer for the gradients of all parameters (``row_gradients``).
+    the task's slot, ``m_i`` that layer's mask), in one node: one multi-tensor product forward;
+    backward three multi-tensor ops, and one buffer for the gradients of all parameters
+    (``row_gradients``).
     Per norm that replaces two selects and two products forward, and four products, a sum and
     two ``select_backward`` backward (on a GPU, a kernel or two each). ``rows``: the rows, as
     views without autograd (``_hat_row_view``).
@@ -168,7 +169,7 @@ class FoldAffine(torch.autograd.Function):
         ctx.versions = [(w._version, b._version) for w, b in zip(ws, bs)]  # rows: the parameters' own storage
         ctx.shapes = [t.shape for t in tensors[:2 * n]]
         ctx.set_materialize_grads(False)  # a norm not used by this forward gets no gradient at all
-        return (*torch._foreach_mul(ws, ms), *torch._foreach_mul(bs, ms))
+        return tuple(torch._foreach_mul(ws + bs, [*ms, *ms]))  # one call: weights, then biases
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[Any, ...]:
@@ -184,11 +185,10 @@ class FoldAffine(torch.autograd.Function):
         gw = [grads[i] if grads[i] is not None else torch.zeros_like(ws[i]) for i in used]
         gb = [grads[n + i] if grads[n + i] is not None else torch.zeros_like(bs[i]) for i in used]
         m = [ms[i] for i in used]
-        dw = torch._foreach_mul(gw, m)
-        db = torch._foreach_mul(gb, m)
+        dwb = torch._foreach_mul(gw + gb, m + m)  # the rows' gradients: weights, then biases
         dm = torch._foreach_mul(gw, [ws[i] for i in used])
         torch._foreach_addcmul_(dm, gb, [bs[i] for i in used])
-        full = row_gradients([*dw, *db], [shapes[i] for i in used] + [shapes[n + i] for i in used],
+        full = row_gradients(dwb, [shapes[i] for i in used] + [shapes[n + i] for i in used],
                              [slots[i] for i in used] * 2)
         for k, i in enumerate(used):
             out[2 + i], out[2 + n + i], out[2 + 2 * n + i] = full[k], full[len(used) + k], dm[k]

@@ -160,13 +160,9 @@ class _Pending:
         # multi-tensor ops: one call for all parameters instead of a few per parameter
         pr = self.protection
         _condition([(p.grad, rows, cols, buf) for p, rows, cols, buf in pr.conditioned if p.grad is not None])
-        whole, saved = pr.whole + self.plain, pr.whole_saved + self.plain_saved
-        if whole:
-            torch._foreach_copy_(saved, whole)
-        if pr.part:
-            torch._foreach_copy_(pr.part_saved, pr.part)
-        if pr.grid:
-            torch._foreach_copy_(pr.grid_saved, pr.grid)
+        params = pr.whole + self.plain + pr.part + pr.grid  # one call for every kind
+        if params:
+            torch._foreach_copy_(pr.whole_saved + self.plain_saved + pr.part_saved + pr.grid_saved, params)
 
     def restore(self) -> None:
         pr = self.protection
@@ -178,15 +174,14 @@ class _Pending:
             torch._foreach_copy_(whole, saved)
         # lerp(p, old, w): torch computes p + w * (old - p) for w < 0.5 and old - (old - p) * (1 - w)
         # otherwise, so a 0/1 weight gives p or old exactly, in one pass over the parameter
-        if pr.part:
-            torch._foreach_lerp_(pr.part, pr.part_saved, pr.part_rows)
         if pr.grid:
             # two passes with the unit vectors: the snapshot takes the new values in columns no
             # protected task reads, then the protected rows take the snapshot: old exactly where
             # row and column are protected, new everywhere else (the snapshot is taken anew
-            # before every step)
+            # before every step). The second pass is the one of the parameters protected by row.
             torch._foreach_lerp_(pr.grid_saved, pr.grid, pr.grid_free)
-            torch._foreach_lerp_(pr.grid, pr.grid_saved, pr.grid_rows)
+        if pr.part or pr.grid:
+            torch._foreach_lerp_(pr.part + pr.grid, pr.part_saved + pr.grid_saved, pr.part_rows + pr.grid_rows)
 
 
 def _plan(optimizer: torch.optim.Optimizer) -> _Plan:

@@ -93,10 +93,11 @@ def compensated(grad: torch.Tensor, e: torch.Tensor, z: torch.Tensor, mask: torc
     """The embedding gradient of ``mask = sigmoid(z)``, ``z = scale * e``, with HAT's compensation
     (see CompensatedSigmoid), from the forward's ``z`` and ``mask``: few small ops, since on a CPU
     each costs more in dispatch than in arithmetic at mask sizes."""
-    num = torch.cosh(z.clamp(-clamp, clamp)).add_(1)
     den = torch.cosh(e).add_(1)
     # sigmoid's own backward: grad * m * (1 - m), m from the forward as autograd would take it
-    return torch.ops.aten.sigmoid_backward(grad, mask).mul_(num).div_(den).mul_(factor)
+    q = torch.ops.aten.sigmoid_backward(grad, mask).div_(den)
+    # q * (cosh(clamp(z)) + 1) as q + q * cosh(...): the + 1 costs no op of its own
+    return torch.addcmul(q, q, torch.cosh(z.clamp(-clamp, clamp))).mul_(factor)
 
 
 class GroupMask(torch.autograd.Function):
@@ -185,13 +186,16 @@ class FoldAffine(torch.autograd.Function):
         gw = [grads[i] if grads[i] is not None else torch.zeros_like(ws[i]) for i in used]
         gb = [grads[n + i] if grads[n + i] is not None else torch.zeros_like(bs[i]) for i in used]
         m = [ms[i] for i in used]
-        dwb = torch._foreach_mul(gw + gb, m + m)  # the rows' gradients: weights, then biases
-        dm = torch._foreach_mul(gw, [ws[i] for i in used])
-        torch._foreach_addcmul_(dm, gb, [bs[i] for i in used])
-        full = row_gradients(dwb, [shapes[i] for i in used] + [shapes[n + i] for i in used],
+        k = len(used)
+        # one call for the rows' gradients (weights, then biases: g * m) and both terms of the
+        # masks' (g_w * w + g_b * b), one more to add those terms
+        prods = torch._foreach_mul(gw + gb + gw + gb, m + m + [ws[i] for i in used] + [bs[i] for i in used])
+        dm = prods[2 * k:3 * k]
+        torch._foreach_add_(dm, prods[3 * k:])
+        full = row_gradients(prods[:2 * k], [shapes[i] for i in used] + [shapes[n + i] for i in used],
                              [slots[i] for i in used] * 2)
-        for k, i in enumerate(used):
-            out[2 + i], out[2 + n + i], out[2 + 2 * n + i] = full[k], full[len(used) + k], dm[k]
+        for j, i in enumerate(used):
+            out[2 + i], out[2 + n + i], out[2 + 2 * n + i] = full[j], full[k + j], dm[j]
         return tuple(out)
 
 
@@ -229,31 +233,38 @@ def row_gradients(rows: list[torch.Tensor | None] | torch.Tensor, shapes: list[t
         flat = torch.cat([rows[i] if rows[i].dim() == 1 else rows[i].flatten() for i in used])
     buf = ref.new_zeros(total)
     buf.index_copy_(0, index, flat)
-    pieces = buf.split([size for size, _, _ in groups]) if len(groups) > 1 else (buf,)
-    for piece, (_, shape, members) in zip(pieces, groups):
+    for start, size, stride, members in groups:  # one view per shape (and an unbind if several)
+        part = buf.as_strided(size, stride, start)
         if len(members) == 1:
-            out[used[members[0]]] = piece.view(shape)
+            out[used[members[0]]] = part
         else:
-            for k, grad in zip(members, piece.view(len(members), *shape).unbind(0)):
+            for k, grad in zip(members, part.unbind(0)):
                 out[used[k]] = grad
     return out
 
 
 def _row_plan(shapes: list[torch.Size], slots: list[int], device: torch.device,
-              ) -> tuple[torch.Tensor, int, list[tuple[int, torch.Size, list[int]]]]:
+              ) -> tuple[torch.Tensor, int, list[tuple[int, tuple[int, ...], tuple[int, ...], list[int]]]]:
     """Where ``row_gradients`` puts each row: (the index of every element of the concatenated
-    rows in the buffer, the buffer's size, per shape (its part's size, the shape, the positions
-    of its parameters in ``shapes``)), the parameters of one shape side by side."""
+    rows in the buffer, the buffer's size, per shape (where its part starts, that part's
+    contiguous size and strides, the positions of its parameters in ``shapes``)), the
+    parameters of one shape side by side: their part is a (count, *shape) block, or the shape
+    itself for a single one."""
     by_shape: dict[torch.Size, list[int]] = {}
     for i, shape in enumerate(shapes):
         by_shape.setdefault(shape, []).append(i)
     start: dict[int, int] = {}
     groups, offset = [], 0
     for shape, members in by_shape.items():
+        first = offset
         for k in members:
             start[k] = offset
             offset += shape.numel()
-        groups.append((shape.numel() * len(members), shape, members))
+        size = tuple(shape) if len(members) == 1 else (len(members), *shape)
+        stride = [1] * len(size)
+        for d in range(len(size) - 2, -1, -1):
+            stride[d] = stride[d + 1] * size[d + 1]
+        groups.append((first, size, tuple(stride), members))
     parts = []
     for i, (shape, slot) in enumerate(zip(shapes, slots)):
         width = shape[1:].numel()

@@ -124,6 +124,10 @@ class _Report(torch.autograd.Function):
         return grad, None, None
 
 
+def _report_hook(step: Any, slot: int, grad: torch.Tensor) -> None:
+    step.report(slot)
+
+
 def rows(module: Any, slot: Any, *params: torch.Tensor | None, mark: bool = True) -> tuple[Any, ...]:
     """The rows ``slot`` of task-indexed ``params`` (None stays None), reporting ``slot`` to the
     module's probe when grad is on (through the first row: every task-indexed layer uses it).
@@ -131,7 +135,13 @@ def rows(module: Any, slot: Any, *params: torch.Tensor | None, mark: bool = True
     trains is collected over all modules of the optimizer, so one report per forward suffices."""
     got = [_row(p, slot) for p in params if p is not None]  # torch's select: no Python in its backward
     if mark and got:
-        got[0] = module._hat_mark(got[0], slot)
+        first = got[0]
+        if isinstance(slot, int) and first.grad_fn is not None and not torch.compiler.is_compiling():
+            # a fresh select of a parameter that needs grad: a hook on it reports the slot when
+            # the backward reaches it, with no identity node (and its op) in between
+            first.register_hook(functools.partial(_report_hook, module._hat_step, slot))
+        else:
+            got[0] = module._hat_mark(first, slot)
     it = iter(got)
     return tuple(None if p is None else next(it) for p in params)
 

@@ -151,7 +151,7 @@ class FoldAffine(torch.autograd.Function):
     """``W_i[s_i] * m_i`` and ``B_i[s_i] * m_i`` for every task-indexed BatchNorm that folds the
     mask of the layer before it into its affine (``W_i``, ``B_i`` its per-task parameters, ``s_i``
     the task's slot, ``m_i`` that layer's mask), in one node: one multi-tensor product forward;
-    backward three multi-tensor ops, and one buffer for the gradients of all parameters
+    backward two multi-tensor ops, and one buffer for the gradients of all parameters
     (``row_gradients``).
     Per norm that replaces two selects and two products forward, and four products, a sum and
     two ``select_backward`` backward (on a GPU, a kernel or two each). ``rows``: the rows, as

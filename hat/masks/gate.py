@@ -148,9 +148,9 @@ class GroupMask(torch.autograd.Function):
 
 
 class FoldAffine(torch.autograd.Function):
-    """``W_i[s_i] * m_i`` and ``B_i[s_i] * m_i`` for every task-indexed BatchNorm that folds the
-    mask of the layer before it into its affine (``W_i``, ``B_i`` its per-task parameters, ``s_i``
-    the task's slot, ``m_i`` that layer's mask), in one node: one multi-tensor product forward;
+    """``W_i[t] * m_i`` and ``B_i[t] * m_i`` for every task-indexed BatchNorm that folds the mask
+    of the layer before it into its affine (``W_i``, ``B_i`` its per-task parameters, ``t`` the
+    task, its own slot in each, ``m_i`` that layer's mask), in one node: one multi-tensor product forward;
     backward two multi-tensor ops, and one buffer for the gradients of all parameters
     (``row_gradients``).
     Per norm that replaces two selects and two products forward, and four products, a sum and
@@ -161,12 +161,12 @@ class FoldAffine(torch.autograd.Function):
     more than once, as the masks it folds are (see ``GroupMask``)."""
 
     @staticmethod
-    def forward(ctx: Any, slots: tuple[int, ...], rows: tuple[list[torch.Tensor], list[torch.Tensor]],
+    def forward(ctx: Any, task: int, rows: tuple[list[torch.Tensor], list[torch.Tensor]],
                 *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        n = len(slots)
         ws, bs = rows
+        n = len(ws)
         ms = tensors[2 * n:]
-        ctx.slots, ctx.ws, ctx.bs, ctx.ms = slots, ws, bs, ms
+        ctx.task, ctx.ws, ctx.bs, ctx.ms = task, ws, bs, ms
         ctx.versions = [(w._version, b._version) for w, b in zip(ws, bs)]  # rows: the parameters' own storage
         ctx.shapes = [t.shape for t in tensors[:2 * n]]
         ctx.set_materialize_grads(False)  # a norm not used by this forward gets no gradient at all
@@ -174,7 +174,7 @@ class FoldAffine(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[Any, ...]:
-        ws, bs, ms, slots, shapes = ctx.ws, ctx.bs, ctx.ms, ctx.slots, ctx.shapes
+        ws, bs, ms, shapes = ctx.ws, ctx.bs, ctx.ms, ctx.shapes
         n = len(ws)
         used = [i for i in range(n) if grads[i] is not None or grads[n + i] is not None]
         out: list[Any] = [None] * (2 + 3 * n)
@@ -193,7 +193,7 @@ class FoldAffine(torch.autograd.Function):
         dm = prods[2 * k:3 * k]
         torch._foreach_add_(dm, prods[3 * k:])
         full = row_gradients(prods[:2 * k], [shapes[i] for i in used] + [shapes[n + i] for i in used],
-                             [slots[i] for i in used] * 2)
+                             [ctx.task] * (2 * k))
         for j, i in enumerate(used):
             out[2 + i], out[2 + n + i], out[2 + 2 * n + i] = full[j], full[k + j], dm[j]
         return tuple(out)

@@ -38,7 +38,7 @@ class _Entry:
         self.folds: dict[int, tuple[torch.Tensor, torch.Tensor, tuple[Any, ...]]] = {}
         self.folded = False
 
-    def excess_deviation(self, task: int, scale: float, s_max: float) -> float:
+    def excess_deviation(self, scale: float, s_max: float) -> float:
         """How much further these soft masks are from the hard ones than the masks at ``s_max``
         (the end of every documented scale schedule) would be: the mean over every unit of every
         layer of ``|mask - hard mask|`` (for the sigmoid ``min(m, 1 - m)``) at ``scale``, minus
@@ -137,10 +137,10 @@ class _MaskGroup:
                 if not _can_fold(norm, mask, task):
                     return None
                 chosen.append((norm, i))
-            slots = (task,) * len(chosen)  # a task's own slot (``_can_fold``: task < num_tasks)
             rows = ([n._hat_row_view("weight", task) for n, _ in chosen],
                     [n._hat_row_view("bias", task) for n, _ in chosen])
-            out = FoldAffine.apply(slots, rows, *(n.weight for n, _ in chosen), *(n.bias for n, _ in chosen),
+            out = FoldAffine.apply(task, rows,  # task < num_tasks (``_can_fold``): its own slot
+                                   *(n.weight for n, _ in chosen), *(n.bias for n, _ in chosen),
                                    *(entry.masks[j] for _, j in chosen))
             for k, (n, _) in enumerate(chosen):
                 entry.folds[id(n)] = (out[k], out[len(chosen) + k], _fold_stamp(n))
@@ -166,7 +166,7 @@ class _MaskGroup:
         """``excess_deviation`` of the latest masks computed for ``(task, scale)``, None if none were."""
         for key in reversed(self.entries):
             if key[0] == task and key[1] == scale:
-                return self.entries[key].excess_deviation(task, scale, s_max)
+                return self.entries[key].excess_deviation(scale, s_max)
         return None
 
     def _compute(self, module: Any, key: tuple[Any, ...]) -> _Entry:

@@ -135,13 +135,7 @@ def rows(module: Any, slot: Any, *params: torch.Tensor | None, mark: bool = True
     trains is collected over all modules of the optimizer, so one report per forward suffices."""
     got = [_row(p, slot) for p in params if p is not None]  # torch's select: no Python in its backward
     if mark and got:
-        first = got[0]
-        if isinstance(slot, int) and first.grad_fn is not None and not torch.compiler.is_compiling():
-            # a fresh select of a parameter that needs grad: a hook on it reports the slot when
-            # the backward reaches it, with no identity node (and its op) in between
-            first.register_hook(functools.partial(_report_hook, module._hat_step, slot))
-        else:
-            got[0] = module._hat_mark(first, slot)
+        got[0] = module._hat_mark(got[0], slot, fresh=True)  # a select made here, for this forward only
     it = iter(got)
     return tuple(None if p is None else next(it) for p in params)
 
@@ -240,14 +234,19 @@ class TaskTracked:
         invalidate(self)  # parameters may have a new dtype or device: masks and step plans too
         return out
 
-    def _hat_mark(self, x: torch.Tensor, slot: Any) -> torch.Tensor:
-        """Pass ``x`` through a node whose backward reports ``slot``: in eager code with an int
-        slot and an ``x`` that requires grad, a report in Python to this module's step state
-        (``_Report``); else (tensor slots, compiled code, a mask of frozen embeddings) this
+    def _hat_mark(self, x: torch.Tensor, slot: Any, fresh: bool = False) -> torch.Tensor:
+        """``x``, made so that a backward through it reports ``slot``. In eager code with an int
+        slot and an ``x`` that requires grad, the report goes in Python to this module's step
+        state: a hook on ``x`` where it is ``fresh`` (a non-leaf made for this forward alone, so
+        the hook dies with it; no op at all), else an identity node (``_Report``). Otherwise
+        (tensor slots, compiled code, a mask of frozen embeddings) ``x`` goes through this
         module's probe, whose own gradient puts the node in the graph."""
         if not torch.is_grad_enabled():
             return x
         if isinstance(slot, int) and x.requires_grad and not torch.compiler.is_compiling():
+            if fresh and x.grad_fn is not None:
+                x.register_hook(functools.partial(_report_hook, self._hat_step, slot))
+                return x
             return _Report.apply(x, self._hat_step, slot)  # (an input without grad: no backward reaches it)
         return _Probe.apply(x, self._hat_probe, slot)
 

@@ -13,8 +13,9 @@ seeds. Three rules for the running statistics, in the same run:
   refresh);
 - ``training``: only the latest batch whose masks are about as hard as at s_max (no refresh): what
   a hand-built payload model gets;
-- ``hat``: that, and the finished task's rows taken once more with its final weights (the default
-  for converted models).
+- ``hat``: the finished task's rows taken once more with its final weights (the default for
+  converted models; their training batches count by torch's rule until then, since 2026-12-01:
+  the refresh replaces them, so this rule's figures are the same as with rule 1 before it).
 
 Prints, per setting and rule: tasks whose eval accuracy is more than 2 points below train-mode
 accuracy (of 5 tasks x seeds), the largest gap, and the mean test accuracy.

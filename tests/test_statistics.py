@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import hat
 from hat import HATConfig, HATPayload
@@ -83,6 +84,14 @@ def _bn(model):
     return next(m for m in model.modules() if isinstance(m, TaskIndexedBatchNorm2d))
 
 
+def _conv_bn_without_refresh(cfg):
+    """``_conv_bn`` with its BatchNorm's refresh turned off: the near-hard rule (rule 1) applies
+    to its training batches, as to a hand-built payload model's."""
+    model = _conv_bn(cfg)
+    _bn(model).refresh_at_task_end = False
+    return model
+
+
 def _step(model, optimizer, x, y, task, scale):
     hat.set_task(model, task, mask_scale=scale)
     loss = F.cross_entropy(model(x), y)
@@ -93,7 +102,7 @@ def _step(model, optimizer, x, y, task, scale):
 
 def test_a_near_hard_batch_replaces_the_row_and_a_soft_one_after_it_leaves_it(digit_tasks):
     torch.manual_seed(0)
-    model = _conv_bn(HATConfig(num_tasks=2))
+    model = _conv_bn_without_refresh(HATConfig(num_tasks=2))
     x, y = digit_tasks[0][0][:32], digit_tasks[0][1][:32]
     model.train()
     bn = _bn(model)
@@ -147,13 +156,51 @@ def test_the_deviation_a_training_forward_reports_is_the_masks_distance_from_har
 
 def test_soft_batches_count_by_torchs_rule_until_a_near_hard_one_comes(digit_tasks):
     torch.manual_seed(0)
-    model = _conv_bn(HATConfig(num_tasks=2))
+    model = _conv_bn_without_refresh(HATConfig(num_tasks=2))
     x, y = digit_tasks[0][0][:32], digit_tasks[0][1][:32]
     model.train()
     bn = _bn(model)
     _step(model, torch.optim.SGD(model.parameters(), lr=0.0), x, y, 0, 0.01)
     assert not torch.equal(bn.running_mean[0], torch.zeros(8))  # a first estimate, however rough
     assert int(bn.num_batches_tracked[0]) == 1
+
+
+class _DeviceReads(TorchDispatchMode):
+    """Counts reads of a tensor's value by the host (``.item()``, ``float()``: a synchronization on a GPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("refresh", [True, False])
+def test_a_converted_models_training_batches_skip_the_near_hard_rule_and_its_device_read(digit_tasks, refresh):
+    """The refresh replaces a finished task's rows, so a converted model's training batches count
+    by torch's rule and nothing reads the masks' distance from hard ones (a synchronization per
+    step on a GPU); with the refresh turned off, rule 1 and its one read per step come back."""
+    torch.manual_seed(0)
+    model = _conv_bn(HATConfig(num_tasks=2))
+    bn = _bn(model)
+    bn.refresh_at_task_end = refresh
+    x, y = digit_tasks[0][0][:32], digit_tasks[0][1][:32]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    model.train()
+    _step(model, optimizer, x, y, 0, 400.0)  # near-hard masks (the first call also traces the model)
+    near_hard = bn.running_mean[0].clone()
+    with _DeviceReads() as reads:
+        _step(model, optimizer, x, y, 0, 0.01)  # masks far from hard
+    if refresh:
+        assert reads.count == 0
+        assert not torch.equal(bn.running_mean[0], near_hard)  # averaged in, as torch would
+        assert int(bn.num_batches_tracked[0]) == 2
+    else:
+        assert reads.count == 1
+        assert torch.equal(bn.running_mean[0], near_hard)  # rule 1: a softer batch leaves the row
 
 
 def test_the_end_of_a_task_refreshes_its_rows_with_the_final_weights_and_nothing_else(digit_tasks):

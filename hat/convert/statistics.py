@@ -101,6 +101,8 @@ def _norms(root: nn.Module) -> list[nn.Module]:
     if norms is None:
         norms = [m for m in root.modules() if isinstance(m, _TaskIndexedBatchNorm) and m.track_running_stats]
         root.__dict__["_hat_stat_norms"] = norms
+        for m in norms:  # the refresh replaces their rows: their training batches skip the near-hard rule
+            m.__dict__["_hat_refreshed"] = True
     return [m for m in norms if m.refresh_at_task_end]
 
 

@@ -298,11 +298,12 @@ class _TaskIndexedBatchNorm(_TaskIndexedNorm):
 
     Running statistics describe the network that evaluation runs, with hard masks:
 
-    - in training, a batch of task ``t`` sets row ``t`` when the soft masks of its forward are
-      about as close to the hard ones as at the end of the scale schedule (the mean over every
-      unit of ``|mask - hard mask|``, read once per step from the mask node, exceeds its value at
-      ``max_trn_mask_scale`` by at most ``stats_tolerance``): the latest such batch replaces the
-      row (a smaller one is averaged in by its share of samples). With the scale annealed from
+    - in training, where no refresh (below) follows, a batch of task ``t`` sets row ``t`` when
+      the soft masks of its forward are about as close to the hard ones as at the end of the
+      scale schedule (the mean over every unit of ``|mask - hard mask|``, read once per step
+      from the mask node, exceeds its value at ``max_trn_mask_scale`` by at most
+      ``stats_tolerance``): the latest such batch replaces the row (a smaller one is averaged in
+      by its share of samples). With the scale annealed from
       ``1/s_max`` in every epoch, the early batches of each epoch run another network (units half
       on, activations at other scales), and the weights move from step to step, so an average
       over many batches describes neither. Batches with softer masks count (by torch's rule) only
@@ -310,6 +311,9 @@ class _TaskIndexedBatchNorm(_TaskIndexedNorm):
     - in a model converted with ``hat.convert`` (or a ``hat_*`` timm model), when a task's training
       ends (the model's next call evaluates, or trains another task), its rows are taken once
       more from the latest training batches, forwarded with the final weights and hard masks.
+      That replaces the rows, so until then its soft training batches count by torch's rule, and
+      the step reads nothing from the device for the rule above (``refresh_at_task_end = False``
+      brings the rule back).
 
     Not a subclass of ``nn.BatchNorm*``: its parameters have an extra task dimension, and
     utilities written for BatchNorm (fusing into convolutions, freezing) would misread them.
@@ -322,7 +326,8 @@ class _TaskIndexedBatchNorm(_TaskIndexedNorm):
     #: soft masks of a training forward may be for its batch to enter the running statistics
     #: (``float("-inf")``: every batch enters by torch's rule)
     stats_tolerance: float = 0.01
-    #: take a finished task's statistics once more with its final weights (converted models)
+    #: take a finished task's statistics once more with its final weights (converted models;
+    #: their training batches then skip the ``stats_tolerance`` rule)
     refresh_at_task_end: bool = True
 
     _expected_dims: tuple[int, ...] = ()
@@ -420,6 +425,8 @@ class _TaskIndexedBatchNorm(_TaskIndexedNorm):
             return None
         if scale is None:
             return 0.0  # hard masks: the network evaluation runs
+        if self.refresh_at_task_end and self.__dict__.get("_hat_refreshed", False):
+            return None  # the refresh at the task's end replaces the row: torch's rule until then, no device read
         cfg = getattr(source, "hat_config", None)  # not ``or``: a HATConfig's truth value is its length
         if cfg is None:
             cfg = self.__dict__.get("_hat_mask_config")

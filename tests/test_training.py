@@ -57,11 +57,18 @@ def test_evaluate_counts_what_predict_gives(digit_tasks):
     x, y, x_te, y_te = digit_tasks[0]
     train_task(model, torch.optim.Adam(model.parameters(), lr=1e-3), (x, y), 0, epochs=1, forward="set_task")
     logits = predict(model, x_te, 0, forward="set_task")
-    assert torch.equal(predict(model, x_te, 0, forward="set_task", batch_size=7), logits)
-    correct = int((logits.argmax(1) == y_te).sum())
-    for batch_size in (None, 1024, 5):
-        assert evaluate(model, (x_te, y_te), 0, forward="set_task", batch_size=batch_size) == correct / len(y_te)
-    assert evaluate(model, list(zip(x_te.split(9), y_te.split(9))), 0, forward="set_task") == correct / len(y_te)
+    # batches of 7 give the same logits up to rounding: torch's CPU kernels are not batch-invariant
+    # on every machine (AVX-512 ones differ in the last bit even for plain nn.Linear)
+    torch.testing.assert_close(predict(model, x_te, 0, forward="set_task", batch_size=7), logits)
+
+    def accuracy(batch_size):  # what predict gives, run in the same batches
+        out = predict(model, x_te, 0, forward="set_task", batch_size=batch_size)
+        return int((out.argmax(1) == y_te).sum()) / len(y_te)
+
+    assert accuracy(None) > 0.9
+    for batch_size in (None, 1024, 5, 9):
+        assert evaluate(model, (x_te, y_te), 0, forward="set_task", batch_size=batch_size) == accuracy(batch_size)
+    assert evaluate(model, list(zip(x_te.split(9), y_te.split(9))), 0, forward="set_task") == accuracy(9)
 
 
 def test_batches_from_tensors_equal_the_same_batches_given_as_a_loader(digit_tasks):

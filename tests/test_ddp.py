@@ -130,17 +130,21 @@ def _torchrun(*argv: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
 def test_the_cli_under_torchrun_writes_one_result_with_zero_bwt_and_resumes(tmp_path):
-    whole = _torchrun("--epochs", "3", "--out", str(tmp_path / "whole"))
-    assert whole.returncode == 0, whole.stderr[-2000:]
-    assert whole.stdout.count("Accuracy (%): row = after training task t") == 1  # rank 0 alone prints
-    results = json.loads((tmp_path / "whole" / "results.json").read_text())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # hat-cl run --nproc 2 launches torchrun itself: the uninterrupted run, the reference below
+    launched = subprocess.run([sys.executable, "-m", "hat", "run", "--nproc", str(WORLD), "--benchmark", "split-digits",
+                               "--tasks", "3", "--model", "cnn", "--epochs", "3", "--out", str(tmp_path / "nproc")],
+                              capture_output=True, text=True, timeout=300, env=env)
+    assert launched.returncode == 0, launched.stderr[-2000:]
+    assert launched.stdout.count("Accuracy (%): row = after training task t") == 1  # rank 0 alone prints
+    results = json.loads((tmp_path / "nproc" / "results.json").read_text())
     assert results["bwt"] == 0.0 and len(results["matrix"]) == 3
-    # a run stopped after 2 tasks and resumed with the same number of processes ends the same
+    # torchrun typed by the user: a run stopped after 2 tasks and resumed with the same number of
+    # processes ends with the uninterrupted run's matrix
     part = _torchrun("--epochs", "3", "--out", str(tmp_path / "part"), "--checkpoint-every", "task",
                      "--stop-after", "2")
     assert part.returncode == 0, part.stderr[-2000:]
     # with another number of processes the shards and the batches per epoch differ: refused
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     alone = subprocess.run([sys.executable, "-m", "hat", "run", "--benchmark", "split-digits", "--tasks", "3",
                             "--model", "cnn", "--epochs", "3", "--resume", str(tmp_path / "part")],
                            capture_output=True, text=True, timeout=120, env=env)
@@ -148,16 +152,11 @@ def test_the_cli_under_torchrun_writes_one_result_with_zero_bwt_and_resumes(tmp_
     assert f"hat-cl run --nproc {WORLD}" in alone.stderr
     resumed = _torchrun("--epochs", "3", "--resume", str(tmp_path / "part"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert json.loads((tmp_path / "part" / "results.json").read_text())["matrix"] == results["matrix"]
+    assert resumed.stdout.count("Accuracy (%): row = after training task t") == 1
+    resumed_results = json.loads((tmp_path / "part" / "results.json").read_text())
+    assert resumed_results["bwt"] == 0.0 and resumed_results["matrix"] == results["matrix"]
     refused = _torchrun("--budget", "1.0")
     assert refused.returncode != 0 and "--budget runs in one process only" in refused.stderr
-    # hat-cl run --nproc 2 launches the same torchrun itself
-    launched = subprocess.run([sys.executable, "-m", "hat", "run", "--nproc", str(WORLD), "--benchmark", "split-digits",
-                               "--tasks", "3", "--model", "cnn", "--epochs", "3", "--out", str(tmp_path / "nproc")],
-                              capture_output=True, text=True, timeout=300, env=env)
-    assert launched.returncode == 0, launched.stderr[-2000:]
-    assert launched.stdout.count("Accuracy (%): row = after training task t") == 1
-    assert json.loads((tmp_path / "nproc" / "results.json").read_text())["matrix"] == results["matrix"]
     refused = subprocess.run([sys.executable, "-m", "hat", "run", "--nproc", "2", "--budget", "1.0"],
                              capture_output=True, text=True, timeout=120, env=env)
     assert refused.returncode == 2 and "--budget runs in one process only" in refused.stderr

@@ -70,8 +70,8 @@ def test_eval_accuracy_matches_train_accuracy_on_every_task(digit_tasks, schedul
         _train(model, optimizer, x, y, t, schedule)
         train_acc = _train_mode_accuracy(model, x, y, t)
         eval_acc = _eval_accuracy(model, x, y, t)
-        # the task was learned (chance is 0.5): five epochs reach 0.91-1.0 depending on the seed and on
-        # the machine's CPU kernels (AVX2 and AVX-512 ones round differently and training drifts apart)
+        # the task was learned (chance is 0.5): where five epochs end depends on the seed and on the
+        # machine's CPU kernels (AVX2 and AVX-512 ones round differently and training drifts apart)
         assert train_acc >= 0.85, f"task {t} trained to only {train_acc:.3f}"
         assert eval_acc >= train_acc - 0.02, f"task {t}: eval {eval_acc:.3f} against train {train_acc:.3f}"
 
